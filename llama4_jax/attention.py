@@ -1,0 +1,84 @@
+"""Llama 4 attention: GQA, RoPE + QK norm or NoPE + temperature tuning, chunked/full causal masks.
+
+Reference: transformers `modeling_llama4.py` (Llama4TextAttention, create_chunked_causal_mask) and
+../shared/reference/llama4_hf_spec.md §1.4-§1.8.
+
+Masks are built once per forward from per-token metadata (cache index, segment id, position in
+chunk) and shared by every layer. A segment id of 0 marks padding; HF's left-padded
+`attention_mask` is the one-segment special case, so chunks start at each row's first real token.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llama4_jax import layers
+from llama4_jax.config import TextConfig
+
+
+class Context(NamedTuple):
+  """Per-forward tensors shared by all layers."""
+  angles_BTJ: jax.Array      # RoPE angles of the queries/new keys, fp32
+  temp_BT: jax.Array         # NoPE query temperature multiplier, fp32
+  full_mask_BTS: jax.Array   # causal & same segment & key not padding
+  chunk_mask_BTS: jax.Array  # full mask & same attention chunk
+  cache_index: jax.Array | None  # where new keys are written into the KV cache (None: no cache)
+
+
+def segment_starts(seg_BS: jax.Array) -> jax.Array:
+  """Index of the first token of the run of equal segment ids each token belongs to."""
+  s = seg_BS.shape[1]
+  idx = jnp.arange(s, dtype=jnp.int32)
+  boundary = jnp.concatenate(
+      [jnp.ones_like(seg_BS[:, :1], bool), seg_BS[:, 1:] != seg_BS[:, :-1]], axis=1)
+  return jax.lax.cummax(jnp.where(boundary, idx, 0), axis=1)
+
+
+def make_context(cfg: TextConfig, q_idx_T, k_idx_S, seg_q_BT, seg_k_BS, chunk_q_BT, chunk_k_BS,
+                 temp_pos_BT, positions_BT, inv_freq, cache_index=None) -> Context:
+  """Masks, RoPE angles and temperatures from token metadata (all int32)."""
+  full = ((k_idx_S[None, None, :] <= q_idx_T[None, :, None])
+          & (seg_k_BS[:, None, :] == seg_q_BT[:, :, None]) & (seg_k_BS[:, None, :] != 0))
+  chunk = full
+  if cfg.attention_chunk_size is not None:
+    c = cfg.attention_chunk_size
+    chunk = full & (chunk_k_BS[:, None, :] // c == chunk_q_BT[:, :, None] // c)
+  # Temperature tuning (arXiv 2501.19399): log1p(floor((i + 1) / floor_scale)) * attn_scale + 1.
+  pos = temp_pos_BT.astype(jnp.float32)
+  temp = jnp.log1p(jnp.floor((pos + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
+  return Context(layers.rope_angles(positions_BT, inv_freq), temp, full, chunk, cache_index)
+
+
+def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+  """Softmax attention with grouped KV heads; scores and softmax in fp32."""
+  b, t, n, h = q_BTNH.shape
+  k = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)  # query head n uses KV head n // (N/K), as repeat_kv
+  s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
+                       preferred_element_type=jnp.float32) * (h ** -0.5)
+  # A finite fill keeps fully masked rows (padding queries) finite instead of NaN.
+  s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
+  p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
+  return o_BTKGH.reshape(b, t, n, h)
+
+
+def attention(p: dict, x_BTD: jax.Array, ctx: Context, cfg: TextConfig, use_rope: bool,
+              chunked: bool, kv: dict | None = None) -> tuple[jax.Array, dict | None]:
+  """One attention sublayer. `kv` is this layer's cache {'k','v': [B, S, K, H]} or None."""
+  q = jnp.einsum("BTD,DNH->BTNH", x_BTD, p["q"])
+  k = jnp.einsum("BTD,DKH->BTKH", x_BTD, p["k"])
+  v = jnp.einsum("BTD,DKH->BTKH", x_BTD, p["v"])
+  if use_rope:
+    q, k = layers.apply_rope(q, ctx.angles_BTJ), layers.apply_rope(k, ctx.angles_BTJ)
+    if cfg.use_qk_norm:  # weightless per-head RMSNorm, after RoPE, RoPE layers only
+      q, k = layers.rms_norm(q, None, cfg.rms_norm_eps), layers.rms_norm(k, None, cfg.rms_norm_eps)
+  elif cfg.attn_temperature_tuning:
+    q = (q.astype(jnp.float32) * ctx.temp_BT[:, :, None, None]).astype(q.dtype)
+  if kv is not None:
+    at = (0, ctx.cache_index, 0, 0)
+    kv = {"k": jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), at),
+          "v": jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), at)}
+    k, v = kv["k"].astype(q.dtype), kv["v"].astype(q.dtype)
+  o = attend(q, k, v, ctx.chunk_mask_BTS if chunked else ctx.full_mask_BTS)
+  return jnp.einsum("BTNH,NHD->BTD", o, p["o"]), kv

@@ -1,0 +1,55 @@
+"""KV-cache decoding: prefill a prompt, then extend one (or a few) tokens at a time.
+
+Every layer keeps a full-length cache and the §1.8 masks are applied on absolute cache indices, so
+chunked layers respect chunk boundaries during decode exactly as HF does (HF keeps only the last
+chunk for those layers; the attention result is the same). Rows share one cache index: prompts are
+left-padded, with `attention_mask` marking the pads.
+"""
+import jax
+import jax.numpy as jnp
+
+from llama4_jax import attention, layers, model
+from llama4_jax.config import Config
+
+
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+  """An empty cache for `max_len` tokens."""
+  t = cfg.text
+  groups = t.num_hidden_layers // t.period
+  shape = (groups, batch, max_len, t.num_key_value_heads, t.head_dim)
+  kv = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(t.period)]
+  return {"kv": kv, "seg": jnp.zeros((batch, max_len), jnp.int32),
+          "length": jnp.zeros((), jnp.int32), "next_pos": jnp.zeros((batch,), jnp.int32)}
+
+
+def extend(cfg: Config, params: dict, cache: dict, input_ids: jax.Array, attention_mask=None,
+           positions=None) -> tuple[jax.Array, dict]:
+  """Appends tokens [B, T] to the cache; returns their logits [B, T, V] and the new cache.
+
+  attention_mask (1/0 for these tokens, prefill only) defaults to continuing each row's sequence.
+  positions default to the previous position + 1 (starting at 0), like HF without position_ids.
+  """
+  t = cfg.text
+  b, n = input_ids.shape
+  offset = cache["length"]
+  max_len = cache["seg"].shape[1]
+  if attention_mask is None:
+    last = jax.lax.dynamic_index_in_dim(cache["seg"], jnp.maximum(offset - 1, 0), 1, False)
+    seg_new = jnp.broadcast_to(jnp.where(offset > 0, last, 1)[:, None], (b, n))
+  else:
+    seg_new = jnp.asarray(attention_mask, jnp.int32)
+  seg_k = jax.lax.dynamic_update_slice(cache["seg"], seg_new, (0, offset))
+  k_idx = jnp.arange(max_len, dtype=jnp.int32)
+  q_idx = offset + jnp.arange(n, dtype=jnp.int32)
+  chunk_k = k_idx[None, :] - attention.segment_starts(seg_k)
+  chunk_q = jax.lax.dynamic_slice_in_dim(chunk_k, offset, n, axis=1)
+  if positions is None:
+    positions = cache["next_pos"][:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
+  positions = jnp.asarray(positions, jnp.int32)
+  inv_freq = layers.rope_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling)
+  ctx = attention.make_context(t, q_idx, k_idx, seg_new, seg_k, chunk_q, chunk_k,
+                               jnp.broadcast_to(q_idx, (b, n)), positions, inv_freq, offset)
+  out = model.run(t, params, model.embed_tokens(t, params, input_ids), ctx, cache["kv"])
+  new_cache = {"kv": out.cache, "seg": seg_k, "length": offset + n,
+               "next_pos": positions[:, -1] + 1}
+  return out.logits, new_cache

@@ -1,0 +1,170 @@
+"""Load and save HF Llama 4 directories (config.json + one or sharded safetensors) in memory.
+
+Every problem is reported before any array is built: a missing, unexpected or mis-shaped tensor,
+an unsupported dtype, a shard the index names but the directory lacks, a truncated file. Saving
+writes into a temporary sibling directory and renames it into place, so a failed save leaves no
+half-written checkpoint.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from llama4_jax import config as config_lib
+from llama4_jax import convert
+from llama4_jax.config import Config
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
+               np.dtype(np.float16): "float16"}
+
+
+class CheckpointError(ValueError):
+  """A HF directory that cannot be loaded as Llama 4, with the offending file/tensor named."""
+
+
+def _read_config(path: Path) -> tuple[Config, dict]:
+  f = path / "config.json"
+  if not f.is_file():
+    raise CheckpointError(f"{f} does not exist")
+  try:
+    d = json.loads(f.read_text())
+    return config_lib.from_hf(d), d
+  except (json.JSONDecodeError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{f}: {e}") from e
+
+
+def _shard_files(path: Path) -> dict[str, Path]:
+  """Tensor name -> file, from the index json or the single safetensors file."""
+  index = path / INDEX
+  if index.is_file():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files = {name: path / fname for name, fname in weight_map.items()}
+    for fname in sorted({str(p) for p in files.values()}):
+      if not Path(fname).is_file():
+        raise CheckpointError(f"{index} names shard {Path(fname).name}, which does not exist in {path}")
+    return files
+  single = path / SINGLE
+  if not single.is_file():
+    raise CheckpointError(f"{path} has neither {INDEX} nor {SINGLE}")
+  return {name: single for name in _header(single)}
+
+
+def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """name -> (dtype, shape) without reading data; safetensors rejects truncated files here."""
+  try:
+    with safe_open(file, framework="numpy") as f:
+      return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+  except (SafetensorError, OSError) as e:
+    raise CheckpointError(f"{file}: cannot read safetensors ({e})") from e
+
+
+def _check(files: dict[str, Path], expected: dict[str, tuple], prefix: str) -> None:
+  headers: dict[str, tuple] = {}
+  for file in sorted(set(files.values())):
+    headers.update(_header(file))
+  missing = sorted(set(expected) - set(headers))
+  if missing:
+    raise CheckpointError(f"missing tensor(s): {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+  passthrough = convert.PASSTHROUGH_PREFIXES if prefix else ()
+  unexpected = sorted(n for n in headers if n not in expected and not n.startswith(passthrough))
+  if unexpected:
+    raise CheckpointError(f"unexpected tensor(s): {unexpected[:5]}")
+  for name, (dtype, shape) in sorted(headers.items()):
+    if dtype not in DTYPES:
+      raise CheckpointError(f"tensor {name} has dtype {dtype}; supported: {sorted(DTYPES)}")
+    if name in expected and shape != expected[name]:
+      raise CheckpointError(f"tensor {name} has shape {shape}, expected {expected[name]}")
+
+
+def load_hf(path, dtype=None) -> tuple[Config, dict]:
+  """Reads a HF Llama 4 directory -> (Config, params). dtype None keeps the stored dtype."""
+  path = Path(path)
+  cfg, _ = _read_config(path)
+  files = _shard_files(path)
+  prefix = convert.MM_PREFIX if any(n.startswith(convert.MM_PREFIX) for n in files) else ""
+  _check(files, convert.expected_hf_shapes(cfg, prefix), prefix)
+  handles = {}
+
+  def get(name: str) -> np.ndarray:
+    f = files[name]
+    if f not in handles:
+      handles[f] = safe_open(f, framework="numpy")
+    return handles[f].get_tensor(name)
+
+  params = convert.from_hf_tensors(cfg, get, prefix)
+  passthrough = {n: get(n) for n in files if n.startswith(convert.PASSTHROUGH_PREFIXES)}
+  cast = (lambda a: jnp.asarray(a)) if dtype is None else (lambda a: jnp.asarray(a, dtype))
+  params = jax.tree.map(cast, params)
+  if prefix:
+    params[convert.PASSTHROUGH_KEY] = {n: cast(a) for n, a in passthrough.items()}
+  return cfg, params
+
+
+def _write_shards(out: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, a in tensors.items():
+    if shards[-1] and size + a.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = np.ascontiguousarray(a)
+    size += a.nbytes
+  if len(shards) == 1:
+    save_file(shards[0], out / SINGLE, metadata={"format": "pt"})
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, out / fname, metadata={"format": "pt"})
+    weight_map.update({name: fname for name in shard})
+  total = sum(a.nbytes for a in tensors.values())
+  (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                       "weight_map": weight_map}, indent=2))
+
+
+def save_hf(path, cfg: Config, params: dict, *, max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes a directory `from_pretrained` loads: the multimodal layout when `params` carry the
+  vision tensors of a multimodal checkpoint, else `Llama4ForCausalLM`'s."""
+  path = Path(path)
+  multimodal = convert.PASSTHROUGH_KEY in params
+  prefix = convert.MM_PREFIX if multimodal else ""
+  tensors = dict(convert.to_hf_tensors(cfg, params, prefix))
+  if multimodal:
+    tensors.update({n: np.asarray(a) for n, a in params[convert.PASSTHROUGH_KEY].items()})
+  dtypes = {a.dtype for a in tensors.values()}
+  bad = [d for d in dtypes if d not in DTYPE_NAMES]
+  if bad:
+    raise CheckpointError(f"cannot save dtype(s) {bad}; supported: {list(DTYPE_NAMES.values())}")
+  dtype = DTYPE_NAMES[max(dtypes, key=lambda d: d.itemsize)]
+  hf_config = config_lib.to_hf(cfg, multimodal=multimodal, dtype=dtype)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+  try:
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    _write_shards(tmp, tensors, max_shard_bytes)
+    _replace_dir(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+  """Renames `new` to `path`; an existing `path` is removed only once `new` is in place."""
+  if not path.exists():
+    os.replace(new, path)
+    return
+  old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+  os.replace(path, old / path.name)
+  os.replace(new, path)
+  shutil.rmtree(old)

@@ -1,0 +1,153 @@
+"""The Llama 4 text decoder: embeddings, scanned layer groups, final norm, LM head.
+
+Reference: transformers `modeling_llama4.py` (Llama4TextModel, Llama4TextDecoderLayer,
+Llama4ForCausalLM). Pure functions of (config, params pytree, token ids).
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama4_jax import attention, layers, moe
+from llama4_jax.config import Config, TextConfig
+
+
+class Output(NamedTuple):
+  logits: jax.Array             # [B, T, V] in the compute dtype
+  hidden: jax.Array | None      # [L, B, T, D] each layer's output (before the final norm)
+  expert_counts: jax.Array      # [L_moe, E] tokens routed to each expert, MoE layers in order
+  router_logits: jax.Array      # [L_moe, B*T, E] fp32 raw router logits
+  cache: dict | None            # the updated KV cache when one was passed
+
+
+def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot: int,
+           kv: dict | None):
+  """One decoder layer: pre-norm attention and FFN with residuals."""
+  use_rope, chunked, is_moe = cfg.layer_kind(slot)
+  h, kv = attention.attention(p, layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), ctx, cfg,
+                              use_rope, chunked, kv)
+  x = x + h
+  y = layers.rms_norm(x, p["ffn_norm"], cfg.rms_norm_eps)
+  aux = {}
+  if is_moe:
+    y, r, counts = moe.moe(p["moe"], y, cfg.num_experts_per_tok)
+    aux = {"counts": counts, "logits": r.logits_NE}
+  else:
+    y = layers.swiglu(y, p["mlp"]["gate"], p["mlp"]["up"], p["mlp"]["down"])
+  return x + y, aux, kv
+
+
+def _decoder(cfg: TextConfig, blocks: list, x: jax.Array, ctx: attention.Context,
+             caches: list | None, scan: bool, remat: bool):
+  """Runs all layers: a scan over groups of `period` layers (or a Python loop when scan=False)."""
+  period = len(blocks)
+
+  def group(x, xs):
+    block_params, block_caches = xs
+    hidden, auxes, new_caches = [], [], []
+    for s in range(period):
+      kv = None if block_caches is None else block_caches[s]
+      x, aux, kv = _block(block_params[s], x, ctx, cfg, s, kv)
+      hidden.append(x)
+      auxes.append(aux)
+      new_caches.append(kv)
+    return x, (jnp.stack(hidden), auxes, None if block_caches is None else new_caches)
+
+  if remat:
+    group = jax.checkpoint(group)
+  if scan:
+    x, ys = jax.lax.scan(group, x, (blocks, caches))
+  else:
+    n = cfg.num_hidden_layers // period
+    outs = []
+    for g in range(n):
+      x, y = group(x, jax.tree.map(lambda a: a[g], (blocks, caches)))
+      outs.append(y)
+    ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  return x, ys
+
+
+def _ordered_moe_aux(auxes: list, key: str) -> jax.Array | None:
+  """Per-slot [G, ...] arrays -> [L_moe, ...] in layer order (layer g * period + slot)."""
+  per_slot = [a[key] for a in auxes if a]
+  if not per_slot:
+    return None
+  stacked = jnp.stack(per_slot, axis=1)
+  return stacked.reshape(-1, *stacked.shape[2:])
+
+
+def embed_tokens(cfg: TextConfig, params: dict, input_ids: jax.Array) -> jax.Array:
+  if not isinstance(input_ids, jax.core.Tracer):
+    ids = np.asarray(input_ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+      bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
+      raise ValueError(f"input_ids contain {bad.ravel()[:5].tolist()} outside the vocabulary "
+                       f"[0, {cfg.vocab_size})")
+  # Under jit an out-of-range id reads NaN instead of a silently clamped row.
+  return jnp.take(params["embed"], input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+def head(cfg: TextConfig, params: dict, x_BTD: jax.Array) -> jax.Array:
+  x = layers.rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps)
+  w_DV = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+  return jnp.einsum("BTD,DV->BTV", x, w_DV)
+
+
+def run(cfg: TextConfig, params: dict, x_BTD: jax.Array, ctx: attention.Context,
+        caches: list | None = None, *, scan: bool = True, remat: bool = False,
+        return_hidden: bool = False) -> Output:
+  """Layers + head on embeddings, with a prepared attention context."""
+  x, (hidden, auxes, caches) = _decoder(cfg, params["blocks"], x_BTD, ctx, caches, scan, remat)
+  n, b, t, d = cfg.num_hidden_layers, *x_BTD.shape
+  counts = _ordered_moe_aux(auxes, "counts")
+  logits_moe = _ordered_moe_aux(auxes, "logits")
+  if counts is None:
+    counts = jnp.zeros((0, cfg.num_local_experts), jnp.int32)
+    logits_moe = jnp.zeros((0, b * t, cfg.num_local_experts), jnp.float32)
+  # hidden: [G, period, B, T, D] -> [L, B, T, D] in layer order.
+  hidden = hidden.reshape(n, b, t, d) if return_hidden else None
+  return Output(head(cfg, params, x), hidden, counts, logits_moe, caches)
+
+
+def token_context(cfg: TextConfig, batch: int, length: int, attention_mask=None, positions=None,
+                  segment_ids=None) -> attention.Context:
+  """Attention context for a full (uncached) sequence.
+
+  attention_mask: HF-style 1/0, left or right padding; chunks start at each row's first real token
+    and the temperature index counts pads, as in HF.
+  segment_ids: packed rows (0 = padding); every document restarts its chunks, temperature index
+    and (when `positions` is None) its RoPE positions.
+  """
+  idx = jnp.arange(length, dtype=jnp.int32)
+  if segment_ids is not None:
+    seg = jnp.asarray(segment_ids, jnp.int32)
+  elif attention_mask is not None:
+    seg = jnp.asarray(attention_mask, jnp.int32)
+  else:
+    seg = jnp.ones((batch, length), jnp.int32)
+  chunk = idx[None, :] - attention.segment_starts(seg)
+  temp_pos = chunk if segment_ids is not None else jnp.broadcast_to(idx, (batch, length))
+  if positions is None:
+    positions = chunk if segment_ids is not None else jnp.broadcast_to(idx, (batch, length))
+  inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+  return attention.make_context(cfg, idx, idx, seg, seg, chunk, chunk, temp_pos,
+                                jnp.asarray(positions, jnp.int32), inv_freq)
+
+
+def apply(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None, *,
+          positions=None, segment_ids=None, scan: bool = True, remat: bool = False,
+          return_hidden: bool = False) -> Output:
+  """Full forward with every output (see `Output`)."""
+  t = cfg.text
+  b, length = input_ids.shape
+  ctx = token_context(t, b, length, attention_mask, positions, segment_ids)
+  return run(t, params, embed_tokens(t, params, input_ids), ctx, scan=scan, remat=remat,
+             return_hidden=return_hidden)
+
+
+def forward(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None, *,
+            positions=None, segment_ids=None, scan: bool = True, remat: bool = False) -> jax.Array:
+  """Logits [B, T, V] of `Llama4ForCausalLM` for token ids [B, T]."""
+  return apply(cfg, params, input_ids, attention_mask, positions=positions,
+               segment_ids=segment_ids, scan=scan, remat=remat).logits

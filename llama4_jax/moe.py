@@ -1,0 +1,95 @@
+"""Llama 4 mixture of experts: top-k sigmoid routing, dropless sorted dispatch, shared expert.
+
+Reference: transformers `modeling_llama4.py` (Llama4Router, Llama4TextMoe, Llama4TextExperts).
+HF runs every expert on every token with zero-scaled inputs. Here tokens are sorted by expert and
+only the chosen experts run (no capacity, nothing dropped), so the FLOPs follow the *active*
+experts. The grouped matmul is `jax.lax.ragged_dot` where it is native (GPU/TPU); on CPU
+ragged_dot lowers to a dense dot over all experts, so there rows are padded into per-expert blocks
+and each block multiplies its expert's weights (a batched matmul of gathered weights).
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llama4_jax import layers
+
+
+class Routing(NamedTuple):
+  weights_NK: jax.Array   # sigmoid of the selected logits, in the activation dtype
+  experts_NK: jax.Array   # int32 expert ids
+  logits_NE: jax.Array    # raw router logits, fp32
+
+
+def route(x_ND: jax.Array, router_DE: jax.Array, k: int) -> Routing:
+  """Top-k on raw logits; sigmoid of the selected logits only (no softmax, no renormalisation)."""
+  # Router logits in fp32: top-k on bf16 logits flips on near-ties.
+  logits = jnp.einsum("ND,DE->NE", x_ND, router_DE, preferred_element_type=jnp.float32)
+  top_v, top_i = jax.lax.top_k(logits, k)
+  return Routing(jax.nn.sigmoid(top_v).astype(x_ND.dtype), top_i.astype(jnp.int32), logits)
+
+
+def _block_size(rows: int, num_experts: int) -> int:
+  """Rows per block: padding costs at most E * b rows, so keep E * b <= rows / 2."""
+  b = max(1, rows // (2 * num_experts))
+  return min(512, 1 << (b.bit_length() - 1))
+
+
+def expert_ffn_blocked(x_MD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array,
+                       up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
+  """SwiGLU experts over rows sorted by expert; blocks of b rows each belong to one expert."""
+  m, d = x_MD.shape
+  e = group_sizes_E.shape[0]
+  b = _block_size(m, e)
+  nblocks = -(-m // b) + e  # sum_e ceil(g_e / b) < m / b + e
+  padded_E = -(-group_sizes_E // b) * b
+  ends_E = jnp.cumsum(padded_E)
+  group_of_row = jnp.repeat(jnp.arange(e), group_sizes_E, total_repeat_length=m)
+  row_in_group = jnp.arange(m) - (jnp.cumsum(group_sizes_E) - group_sizes_E)[group_of_row]
+  dest_M = (ends_E - padded_E)[group_of_row] + row_in_group
+  x_PD = jnp.zeros((nblocks * b, d), x_MD.dtype).at[dest_M].set(x_MD, unique_indices=True)
+  # Trailing empty blocks index past the last group; their rows are zero, any expert will do.
+  block_expert = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(nblocks) * b, side="right"), e - 1)
+  x_BbD = x_PD.reshape(nblocks, b, d)
+  g = jnp.einsum("XbD,XDF->XbF", x_BbD, gate_EDF[block_expert])
+  u = jnp.einsum("XbD,XDF->XbF", x_BbD, up_EDF[block_expert])
+  y = jnp.einsum("XbF,XFD->XbD", jax.nn.silu(g) * u, down_EFD[block_expert])
+  return y.reshape(nblocks * b, d)[dest_M]
+
+
+def expert_ffn_ragged(x_MD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array,
+                      up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
+  """The same with `jax.lax.ragged_dot` (native grouped GEMM on GPU/TPU)."""
+  gs = group_sizes_E.astype(jnp.int32)
+  g = jax.lax.ragged_dot(x_MD, gate_EDF, gs)
+  u = jax.lax.ragged_dot(x_MD, up_EDF, gs)
+  return jax.lax.ragged_dot(jax.nn.silu(g) * u, down_EFD, gs)
+
+
+def expert_ffn(x_MD, group_sizes_E, gate_EDF, up_EDF, down_EFD) -> jax.Array:
+  fn = expert_ffn_blocked if jax.default_backend() == "cpu" else expert_ffn_ragged
+  return fn(x_MD, group_sizes_E, gate_EDF, up_EDF, down_EFD)
+
+
+def sort_by_expert(r: Routing, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(token of each sorted assignment, its routing weight, tokens per expert)."""
+  n, k = r.experts_NK.shape
+  experts_A = r.experts_NK.reshape(-1)
+  order_A = jnp.argsort(experts_A, stable=True)
+  token_A = (jnp.arange(n * k, dtype=jnp.int32) // k)[order_A]
+  counts_E = jnp.bincount(experts_A, length=num_experts).astype(jnp.int32)
+  return token_A, r.weights_NK.reshape(-1)[order_A], counts_E
+
+
+def moe(p: dict, x_BTD: jax.Array, k: int) -> tuple[jax.Array, Routing, jax.Array]:
+  """Shared expert + routed experts. Returns (output, routing, tokens per expert)."""
+  b, t, d = x_BTD.shape
+  x_ND = x_BTD.reshape(b * t, d)
+  r = route(x_ND, p["router"], k)
+  token_A, weight_A, counts_E = sort_by_expert(r, p["router"].shape[-1])
+  # The router score scales the expert *input* (Meta and HF), not its output.
+  xs_AD = x_ND[token_A] * weight_A[:, None]
+  ys_AD = expert_ffn(xs_AD, counts_E, p["gate"], p["up"], p["down"])
+  routed_ND = jnp.zeros_like(x_ND).at[token_A].add(ys_AD)
+  shared_ND = layers.swiglu(x_ND, p["shared_gate"], p["shared_up"], p["shared_down"])
+  return (shared_ND + routed_ND).reshape(b, t, d), r, counts_E

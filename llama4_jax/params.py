@@ -1,0 +1,106 @@
+"""The parameter tree of the Llama 4 text model: shapes, logical axes and initialisers in one place.
+
+Layers are stored stacked for `jax.lax.scan`: `params['blocks']` is a list with one entry per layer
+of the repeating pattern (`TextConfig.period`), each leaf carrying a leading `layers` axis of
+length num_hidden_layers / period. Layer i lives in slot i % period, row i // period.
+
+Logical axis names (mapped to mesh axes by `sharding/`): layers, vocab, embed, norm, q_heads,
+kv_heads, head_dim, mlp, expert, router.
+"""
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llama4_jax.config import Config, TextConfig
+
+Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+class ParamSpec(NamedTuple):
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]   # one logical axis name per dimension
+  init: Init
+
+
+def _normal(std: float) -> Init:
+  return lambda key, shape, dtype: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _ones(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def is_spec(x) -> bool:
+  return isinstance(x, ParamSpec)
+
+
+def _block_specs(cfg: TextConfig, slot: int, groups: int) -> dict:
+  d, h, f, e = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.num_local_experts
+  n, k = cfg.num_attention_heads, cfg.num_key_value_heads
+  w = _normal(cfg.initializer_range)
+
+  def spec(shape, axes, init=w):
+    return ParamSpec((groups, *shape), ("layers", *axes), init)
+
+  block = {
+      "attn_norm": spec((d,), ("norm",), _ones),
+      "ffn_norm": spec((d,), ("norm",), _ones),
+      "q": spec((d, n, h), ("embed", "q_heads", "head_dim")),
+      "k": spec((d, k, h), ("embed", "kv_heads", "head_dim")),
+      "v": spec((d, k, h), ("embed", "kv_heads", "head_dim")),
+      "o": spec((n, h, d), ("q_heads", "head_dim", "embed")),
+  }
+  if cfg.is_moe(slot):
+    block["moe"] = {
+        "router": spec((d, e), ("embed", "router")),
+        "gate": spec((e, d, f), ("expert", "embed", "mlp")),
+        "up": spec((e, d, f), ("expert", "embed", "mlp")),
+        "down": spec((e, f, d), ("expert", "mlp", "embed")),
+        "shared_gate": spec((d, f), ("embed", "mlp")),
+        "shared_up": spec((d, f), ("embed", "mlp")),
+        "shared_down": spec((f, d), ("mlp", "embed")),
+    }
+  else:
+    fm = cfg.intermediate_size_mlp
+    block["mlp"] = {"gate": spec((d, fm), ("embed", "mlp")), "up": spec((d, fm), ("embed", "mlp")),
+                    "down": spec((fm, d), ("mlp", "embed"))}
+  return block
+
+
+def param_specs(cfg: Config) -> dict:
+  """The tree of ParamSpec for the text model."""
+  t = cfg.text
+  p = t.period
+  groups = t.num_hidden_layers // p
+  w = _normal(t.initializer_range)
+  specs = {
+      "embed": ParamSpec((t.vocab_size, t.hidden_size), ("vocab", "embed"), w),
+      "blocks": [_block_specs(t, s, groups) for s in range(p)],
+      "final_norm": ParamSpec((t.hidden_size,), ("norm",), _ones),
+  }
+  if not t.tie_word_embeddings:
+    specs["lm_head"] = ParamSpec((t.hidden_size, t.vocab_size), ("embed", "vocab"), w)
+  return specs
+
+
+def init_params(cfg: Config, key: jax.Array, dtype=jnp.float32) -> dict:
+  """Random parameters (normal(initializer_range) matrices, unit norms), like HF's init."""
+  leaves, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=is_spec)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [s.init(k, s.shape, dtype) for s, k in zip(leaves, keys)])
+
+
+def param_axes(cfg: Config) -> dict:
+  """The same tree with each leaf's logical axis names."""
+  return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=is_spec)
+
+
+def param_count(cfg: Config | TextConfig) -> int:
+  """Exact parameter count, from `jax.eval_shape` of the initialiser (nothing is allocated)."""
+  if isinstance(cfg, TextConfig):
+    cfg = Config(text=cfg)
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))

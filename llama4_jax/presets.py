@@ -1,0 +1,40 @@
+"""Released Llama 4 configurations and a tiny one for tests and the CPU demo.
+
+Values from the released HF `config.json` files (see ../shared/reference/llama4_hf_spec.md §0):
+Scout 17B-16E and Maverick 17B-128E share every dimension; they differ in experts, MoE interleave,
+QK norm and RoPE scaling.
+"""
+import dataclasses
+
+from llama4_jax.config import Config, Llama3Scaling, TextConfig
+
+
+def scout() -> Config:
+  """Llama 4 Scout 17B-16E: 16 experts in every layer, QK norm, llama3 RoPE 16/1/1/8192."""
+  return Config(text=TextConfig())
+
+
+def maverick() -> Config:
+  """Llama 4 Maverick 17B-128E: 128 experts in odd layers, dense even layers, no QK norm, plain RoPE."""
+  text = dataclasses.replace(TextConfig(), num_local_experts=128, interleave_moe_layer_step=2,
+                             use_qk_norm=False, rope_scaling=None,
+                             max_position_embeddings=1048576)
+  return Config(text=text)
+
+
+def tiny() -> Config:
+  """A 4-layer model with every Llama 4 feature active at short sequence lengths.
+
+  L0 RoPE chunked dense, L1 RoPE chunked MoE, L2 RoPE chunked dense, L3 NoPE full MoE. Chunk 8 and
+  floor_scale 4 make chunking and temperature tuning act within 20 tokens; head_dim 24 != 64/4 and
+  llama3 scaling with original length 64 hits all three frequency bands.
+  """
+  text = TextConfig(
+      vocab_size=256, hidden_size=64, intermediate_size=40, intermediate_size_mlp=96,
+      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+      num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+      use_qk_norm=True, rope_theta=10000.0,
+      rope_scaling=Llama3Scaling(8.0, 1.0, 4.0, 64), attention_chunk_size=8,
+      floor_scale=4, attn_scale=0.1, max_position_embeddings=512,
+      bos_token_id=1, eos_token_id=(2,), pad_token_id=0)
+  return Config(text=text)

@@ -1,0 +1,35 @@
+"""llama4-jax: a JAX/Flax framework for training Meta's Llama 4 (Scout, Maverick)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="llama4-jax",
+    version="0.1.0",
+    description="Llama 4 (Scout/Maverick) in JAX/Flax: HF-exact model, sharding, training stages",
+    python_requires=">=3.11",
+    packages=find_packages(include=["llama4_jax*", "train*", "sharding*"]),
+    # jax/jaxlib 0.10.x is the newest pair flax 0.12.8 works with (jax 0.11.1 removed an API flax uses).
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "jaxlib>=0.10.2,<0.11",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "tensorstore==0.1.86",
+        "numpy>=2.0,<3",
+        "ml_dtypes>=0.5",
+        "safetensors>=0.6,<1",
+        "tokenizers>=0.22,<1",
+        "pyyaml>=6,<7",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # torch 2.13.0 (CPU) comes from a local wheel; any other pin pulls a multi-GB CUDA build.
+        "test": [
+            "pytest>=8,<10",
+            "pytest-xdist>=3.6,<4",
+            "torch==2.13.0",
+            "transformers==5.23.0",
+        ],
+    },
+)
