@@ -7,3 +7,28 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+import llama4_jax as l4  # noqa: E402
+
+# One compiled forward shared by every test (config and flags are static).
+apply_jit = jax.jit(l4.apply, static_argnums=0,
+                    static_argnames=("scan", "remat", "return_hidden"))
+extend_jit = jax.jit(l4.extend, static_argnums=0)
+
+
+@pytest.fixture(scope="session")
+def hf_causal(tmp_path_factory):
+  """variant name -> (HF Llama4ForCausalLM, its save_pretrained directory), built once."""
+  import hf_reference as ref
+  cache = {}
+
+  def get(name: str):
+    if name not in cache:
+      model = ref.causal_lm(ref.VARIANTS[name], seed=sorted(ref.VARIANTS).index(name) + 1)
+      path = tmp_path_factory.mktemp(f"hf_{name}")
+      model.save_pretrained(path)
+      cache[name] = (model, path)
+    return cache[name]
+  return get
