@@ -1,0 +1,211 @@
+"""Run configuration: typed frozen dataclasses, parsed strictly from YAML with typed overrides.
+
+An unknown key is an error that lists the valid keys; a value of the wrong type is an error that
+names the key and the expected type. `--set a.b=value` values are parsed as YAML scalars, then
+checked like the file's values. Nothing is `eval`ed.
+"""
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import llama4_jax as l4
+
+PRESETS = {"tiny": l4.presets.tiny, "scout": l4.presets.scout, "maverick": l4.presets.maverick}
+
+
+class ConfigError(ValueError):
+  """A recipe that does not match the dataclasses, naming the offending key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  preset: str = "tiny"                      # a function of llama4_jax.presets: tiny, scout, maverick
+  text: dict = dataclasses.field(default_factory=dict)  # TextConfig field overrides
+  init_from_hf: str | None = None           # HF directory whose weights start the run
+  compute_dtype: str = "float32"            # float32 | bfloat16; params and optimizer stay fp32
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.preset not in PRESETS:
+      raise ValueError(f"model.preset={self.preset!r}; valid: {list(PRESETS)}")
+    if self.compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"model.compute_dtype={self.compute_dtype!r}; valid: float32, bfloat16")
+
+  def build(self) -> l4.Config:
+    """The model Config: the preset with `text` overrides checked against TextConfig."""
+    base = PRESETS[self.preset]()
+    text = from_dict(l4.TextConfig, {**_fields(base.text), **self.text}, "model.text")
+    return dataclasses.replace(base, text=text)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  """The embedded arithmetic task (train/tasks.py), written into the workdir."""
+  num_examples: int = 50000
+  max_operand: int = 999
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  paths: tuple[str, ...] = ()               # .jsonl / .parquet / .arrayrecord files (field "text")
+  weights: tuple[float, ...] = ()           # mixture weights, one per path (default: equal)
+  synthetic: SyntheticConfig | None = None  # use the embedded task instead of `paths`
+  tokenizer: str | None = None              # tokenizer.json path; None: the built-in byte tokenizer
+  seq_len: int = 128
+  batch_size: int = 16                      # global batch, in packed rows
+  seed: int = 0
+  packing_bins: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float = 3e-3
+  schedule: str = "cosine"                  # cosine | wsd | constant
+  warmup_steps: int = 20
+  decay_steps: int = 0                      # wsd: length of the final decay (0: 20% of the run)
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+  grad_accum: int = 1
+  z_loss: float = 0.0
+  load_balance: float = 0.0                 # coefficient of the MoE load-balance loss
+
+  def __post_init__(self):
+    if self.schedule not in ("cosine", "wsd", "constant"):
+      raise ValueError(f"optim.schedule={self.schedule!r}; valid: cosine, wsd, constant")
+    if self.grad_accum < 1:
+      raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 100
+  keep: int = 2
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = 1
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+  context: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  workdir: str = "workdirs/quickstart"
+  steps: int = 300
+  seed: int = 0
+  log_every: int = 10
+  peak_flops_per_device: float | None = None  # None: from the device kind, or measured on CPU
+  report: bool = True                          # write report.png at the end
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  mesh: MeshConfig = MeshConfig()
+
+
+def _type_name(tp) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, key: str):
+  """Checks `value` against the annotation `tp`; returns it converted (lists -> tuples)."""
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for a in args:
+      if a is type(None):
+        continue
+      try:
+        return _convert(value, a, key)
+      except ConfigError as e:
+        errors.append(e)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, dict):
+      raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+    return from_dict(tp, value, key)
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+  if origin is dict or tp is dict:
+    if not isinstance(value, dict):
+      raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    return dict(value)
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+    try:
+      return float(value)
+    except ValueError:
+      pass
+  if tp in (int, float, str, bool) and (type(value) is not tp):
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+  return value
+
+
+def from_dict(cls, d: dict, prefix: str = ""):
+  """Builds dataclass `cls` from a dict; unknown keys and wrong types are errors."""
+  hints = typing.get_type_hints(cls)
+  names = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(d) - set(names))
+  if unknown:
+    where = f" in {prefix}" if prefix else ""
+    raise ConfigError(f"unknown key(s) {unknown}{where}; valid keys: {names}")
+  kw = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in d.items()}
+  try:
+    return cls(**kw)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def _apply_override(d: dict, assignment: str) -> None:
+  if "=" not in assignment:
+    raise ConfigError(f"--set expects key.path=value, got {assignment!r}")
+  path, raw = assignment.split("=", 1)
+  keys = path.strip().split(".")
+  node = d
+  for k in keys[:-1]:
+    node = node.setdefault(k, {})
+    if not isinstance(node, dict):
+      raise ConfigError(f"--set {path}: {k} is not a section")
+  node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load(path: str | Path | None, overrides: tuple[str, ...] = ()) -> RunConfig:
+  """Reads a YAML recipe (None: all defaults) and applies `--set` overrides."""
+  d: dict = {}
+  if path is not None:
+    text = Path(path).read_text()
+    d = yaml.safe_load(text) or {}
+    if not isinstance(d, dict):
+      raise ConfigError(f"{path}: the top level must be a mapping")
+  for o in overrides:
+    _apply_override(d, o)
+  return from_dict(RunConfig, d)
+
+
+def _fields(obj) -> dict:
+  """Shallow field dict (nested dataclasses kept as objects, unlike dataclasses.asdict)."""
+  return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def to_dict(cfg) -> dict:
+  return dataclasses.asdict(cfg)

@@ -1,0 +1,107 @@
+"""Grain pipelines: text sources -> tokens -> packed rows with segment ids -> per-host batches.
+
+Sources: JSONL (field "text", read into memory), Parquet (column "text"), ArrayRecord (records are
+JSON objects with "text", or raw UTF-8). Each host reads its own slice of every source
+(`[process_index::process_count]`), shuffled globally by index and repeated; several sources are
+mixed by weight. Documents are packed first-fit into rows of `seq_len` tokens (documents longer
+than a row are truncated), so packed rows carry segment ids (0 = padding) and per-document
+positions. The iterator's state is small JSON: it is saved with every checkpoint and resumes the
+exact batch sequence.
+"""
+import json
+from pathlib import Path
+from typing import Callable
+
+import grain
+import numpy as np
+
+from train import tasks, tokenizer as tokenizer_lib
+from train.config import DataConfig
+
+FORMATS = (".jsonl", ".parquet", ".arrayrecord")
+
+
+def check_paths(paths: tuple[str, ...]) -> None:
+  """Fails before anything compiles when a data file is missing or of an unknown kind."""
+  if not paths:
+    raise FileNotFoundError("data.paths is empty and data.synthetic is not set: no training data")
+  for p in paths:
+    if Path(p).suffix not in FORMATS:
+      raise ValueError(f"data file {p}: unknown format; expected one of {FORMATS}")
+    if not Path(p).is_file():
+      raise FileNotFoundError(f"data file {p} does not exist")
+
+
+def _read_jsonl(path: str) -> list[str]:
+  texts = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        texts.append(json.loads(line)["text"])
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
+  return texts
+
+
+def _decode_record(r) -> str:
+  s = r.decode("utf-8") if isinstance(r, bytes) else r
+  if s.startswith("{"):
+    return json.loads(s)["text"]
+  return s
+
+
+def source(path: str) -> grain.MapDataset:
+  """A MapDataset of document strings."""
+  suffix = Path(path).suffix
+  if suffix == ".jsonl":
+    return grain.MapDataset.source(_read_jsonl(path))
+  if suffix == ".parquet":
+    import pyarrow.parquet as pq
+    return grain.MapDataset.source(pq.read_table(path, columns=["text"]).column("text").to_pylist())
+  return grain.MapDataset.source(grain.sources.ArrayRecordDataSource([path])).map(_decode_record)
+
+
+def tokenize_fn(tok, seq_len: int) -> Callable[[str], dict]:
+  bos = tokenizer_lib.special_id(tok, tokenizer_lib.SPECIAL[0])
+  eos = tokenizer_lib.special_id(tok, tokenizer_lib.SPECIAL[1])
+
+  def fn(text: str) -> dict:
+    ids = [bos, *tok.encode(text, add_special_tokens=False).ids, eos]
+    return {"tokens": np.asarray(ids[:seq_len], np.int32)}
+  return fn
+
+
+def resolve_paths(cfg: DataConfig, workdir: str) -> tuple[str, ...]:
+  """The files to read: the generated embedded task, or the configured paths (checked)."""
+  if cfg.synthetic is not None:
+    s = cfg.synthetic
+    name = f"arithmetic-{s.num_examples}-{s.max_operand}-{s.seed}.jsonl"
+    return (str(tasks.write_jsonl(Path(workdir) / "data" / name, s.num_examples,
+                                  s.max_operand, s.seed)),)
+  check_paths(cfg.paths)
+  return cfg.paths
+
+
+def _to_batch(row: dict) -> dict:
+  return {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"],
+          "positions": row["tokens_positions"]}
+
+
+def make_dataset(cfg: DataConfig, paths: tuple[str, ...], tok, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  """Batches of this host's rows: dicts of int32 [local_batch, seq_len] arrays."""
+  if cfg.batch_size % process_count:
+    raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by {process_count} hosts")
+  weights = cfg.weights or (1.0,) * len(paths)
+  if len(weights) != len(paths):
+    raise ValueError(f"data.weights has {len(weights)} entries for {len(paths)} paths")
+  tokenize = tokenize_fn(tok, cfg.seq_len)
+  parts = [source(p)[process_index::process_count].seed(cfg.seed + i).shuffle().repeat()
+           .map(tokenize).to_iter_dataset() for i, p in enumerate(paths)]
+  ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, list(weights))
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct={"tokens": cfg.seq_len}, num_packing_bins=cfg.packing_bins,
+      seed=cfg.seed)
+  return ds.map(_to_batch).batch(cfg.batch_size // process_count, drop_remainder=True)

@@ -1,0 +1,139 @@
+"""The training loop shared by every stage: data, state, one jitted step, checkpoints, metrics.
+
+The host dispatches step n, then reads step n-1's metrics (already computed), so it never waits on
+the device. SIGTERM saves a checkpoint and exits cleanly; a restart from the same workdir resumes
+from the latest checkpoint, data iterator included, and recomputes bit-identical steps.
+"""
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+import llama4_jax as l4
+from train import checkpoint, data, metrics as metrics_lib, optim, pretrain, step as step_lib
+from train import tokenizer as tokenizer_lib
+from train.config import MeshConfig, RunConfig, to_dict
+
+
+def make_mesh(mc: MeshConfig) -> Mesh:
+  """A data-parallel mesh. Model-parallel axes (fsdp, expert, tensor, context) need sharding/."""
+  other = {a: getattr(mc, a) for a in ("fsdp", "expert", "tensor", "context")}
+  if any(v != 1 for v in other.values()):
+    raise ValueError(f"mesh {other}: model-parallel axes are not available in this version; "
+                     "use mesh.data only")
+  devices = jax.devices()
+  if mc.data > len(devices):
+    raise ValueError(f"mesh.data={mc.data} but only {len(devices)} devices are visible")
+  return Mesh(np.asarray(devices[:mc.data]), ("data",), axis_types=(AxisType.Auto,))
+
+
+def initial_params(cfg: RunConfig, model_cfg: l4.Config, sharding) -> dict:
+  if cfg.model.init_from_hf is None:
+    init = jax.jit(l4.init_params, static_argnums=(0, 2), out_shardings=sharding)
+    return init(model_cfg, jax.random.key(cfg.seed), jnp.float32)
+  hf_cfg, params = l4.load_hf(cfg.model.init_from_hf, dtype=jnp.float32)
+  if hf_cfg.text != model_cfg.text:
+    raise ValueError(f"model.init_from_hf={cfg.model.init_from_hf}: its config differs from the "
+                     f"recipe's model (set model.text to match)")
+  params.pop(l4.convert.PASSTHROUGH_KEY, None)
+  return jax.device_put(params, sharding)
+
+
+def _check_vocab(tok, model_cfg: l4.Config) -> None:
+  if tok.get_vocab_size() > model_cfg.text.vocab_size:
+    raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens but model.text.vocab_size is "
+                     f"{model_cfg.text.vocab_size}")
+
+
+class _Sigterm:
+  def __init__(self):
+    self.received = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+
+def run(cfg: RunConfig) -> dict:
+  """Trains per `cfg`; returns the last step's metrics record."""
+  workdir = Path(cfg.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  model_cfg = cfg.model.build()
+  tok = tokenizer_lib.load(cfg.data.tokenizer)
+  _check_vocab(tok, model_cfg)
+  paths = data.resolve_paths(cfg.data, str(workdir))  # a missing file fails before compiling
+  data_iter = iter(data.make_dataset(cfg.data, paths, tok, jax.process_index(),
+                                     jax.process_count()))
+  mesh = make_mesh(cfg.mesh)
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps)
+  compute_dtype = jnp.dtype(cfg.model.compute_dtype)
+  loss_fn = pretrain.make_loss(model_cfg, compute_dtype, cfg.model.remat, cfg.optim.z_loss,
+                               cfg.optim.load_balance)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum), replicated, batch_sharding)
+
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))
+  start = ckpt.latest_step() or 0
+  if start:
+    abstract = jax.eval_shape(lambda: step_lib.init_state(l4.init_params(model_cfg, jax.random.key(0)), tx))
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                            abstract)
+    state = ckpt.restore(start, abstract, data_iter)
+  else:
+    state = step_lib.init_state(initial_params(cfg, model_cfg, replicated), tx)
+
+  flops_per_token = metrics_lib.train_flops_per_token(model_cfg.text, cfg.data.seq_len)
+  peak, peak_source = metrics_lib.peak_flops(cfg.peak_flops_per_device, compute_dtype)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  sinks = metrics_lib.Sinks(workdir, start)
+  sigterm = _Sigterm()
+  bar = tqdm(total=cfg.steps, initial=start, disable=jax.process_index() != 0, desc="train")
+  (workdir / "config.json").write_text(json.dumps({**to_dict(cfg), "peak_flops": peak,
+                                                   "peak_source": peak_source}, indent=2))
+  pending, last, record = None, time.perf_counter(), {}
+
+  def flush(pending):
+    nonlocal last
+    n, m = pending
+    fetched = jax.device_get(m)  # blocks on step n only; step n+1 is already queued
+    now = time.perf_counter()
+    rec = metrics_lib.to_record(n, fetched, now - last, tokens_per_step, flops_per_token, peak,
+                                mesh.size)
+    last = now
+    sinks.write(rec)
+    bar.update(1)
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+    return rec
+
+  for n in range(start, cfg.steps):
+    local = next(data_iter)
+    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+    state, m = train_step(state, batch)
+    if pending is not None:
+      record = flush(pending)
+    pending = (n, m)
+    ckpt.save(n + 1, state, data_iter, force=sigterm.received)
+    if sigterm.received:
+      break
+  if pending is not None:
+    record = flush(pending)
+  final = int(state.step)
+  if ckpt.latest_step() != final:
+    ckpt.save(final, state, data_iter, force=True)
+  ckpt.close()
+  sinks.close()
+  bar.close()
+  data_iter.close()
+  if cfg.report and jax.process_index() == 0 and not sigterm.received:
+    from train import report
+    report.write(workdir)
+  return record

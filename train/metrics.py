@@ -1,0 +1,108 @@
+"""Model FLOPs, hardware peak and MFU; metric sinks (metrics.jsonl and TensorBoard)."""
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import llama4_jax as l4
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+             "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def active_matmul_params(cfg: l4.TextConfig) -> int:
+  """Parameters a token multiplies through (active experts only; the embedding gather is free)."""
+  d, h = cfg.hidden_size, cfg.head_dim
+  total = d * h * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+  total *= cfg.num_hidden_layers
+  for i in range(cfg.num_hidden_layers):
+    if cfg.is_moe(i):
+      total += 3 * d * cfg.intermediate_size * (cfg.num_experts_per_tok + 1)
+      total += d * cfg.num_local_experts
+    else:
+      total += 3 * d * cfg.intermediate_size_mlp
+  return total + d * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: l4.TextConfig, seq_len: int) -> float:
+  """6 * active params + causal attention (QK^T and PV over the keys a query sees), x3 for
+  forward + backward."""
+  attn = 0.0
+  for i in range(cfg.num_hidden_layers):
+    window = seq_len
+    if cfg.is_chunked(i) and cfg.attention_chunk_size is not None:
+      window = min(seq_len, cfg.attention_chunk_size)
+    attn += 4 * cfg.num_attention_heads * cfg.head_dim * (window + 1) / 2
+  return 3 * (2 * active_matmul_params(cfg) + attn)
+
+
+def measure_matmul_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 10) -> float:
+  """FLOP/s of a square matmul on the default device (the CPU 'peak' for MFU)."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    out = f(a)
+  out.block_until_ready()
+  return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+
+
+def peak_flops(override: float | None, dtype) -> tuple[float, str]:
+  """(peak FLOP/s per device, where it came from)."""
+  if override:
+    return override, "config"
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_BF16.items():
+    if name in kind:
+      return flops, f"datasheet {name}"
+  return measure_matmul_peak(dtype), f"measured matmul on {kind}"
+
+
+class Sinks:
+  """metrics.jsonl (one object per step) and TensorBoard scalars, on process 0 only."""
+
+  def __init__(self, workdir: Path, resume_step: int):
+    self.active = jax.process_index() == 0
+    self.path = workdir / "metrics.jsonl"
+    self.tb = None
+    if not self.active:
+      return
+    # Lines past the restored step are recomputed after a restart: drop them.
+    if self.path.exists():
+      keep = [l for l in self.path.read_text().splitlines()
+              if l.strip() and json.loads(l)["step"] < resume_step]
+      self.path.write_text("".join(l + "\n" for l in keep))
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(str(workdir / "tensorboard"))
+    self.file = self.path.open("a")
+
+  def write(self, record: dict) -> None:
+    if not self.active:
+      return
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    for k, v in record.items():
+      if isinstance(v, (int, float)) and k != "step":
+        self.tb.add_scalar(k, v, record["step"])
+
+  def close(self):
+    if self.active:
+      self.file.close()
+      self.tb.close()
+
+
+def to_record(step: int, metrics: dict, seconds: float, tokens: int, flops_per_token: float,
+              peak: float, devices: int) -> dict:
+  """Host-side record of one step's fetched metrics; `tokens` processed in `seconds`."""
+  rec = {"step": step}
+  for k, v in metrics.items():
+    a = np.asarray(v)
+    rec[k] = a.tolist() if a.ndim else float(a)
+  rec["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+  rec["mfu"] = rec["tokens_per_s"] * flops_per_token / (peak * devices)
+  return rec

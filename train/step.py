@@ -1,0 +1,64 @@
+"""The train state and THE train step, shared by every stage: stages only change the loss.
+
+`make_train_step(loss_fn, tx, lr)` returns `train_step(state, batch) -> (state, metrics)`;
+`jit_train_step` jits it once with explicit shardings and a donated state. `loss_fn(params, batch)`
+returns `(loss_sum, (normalizer, metrics))`: sums over the (micro)batch, so gradient accumulation
+over microbatches gives exactly the full-batch gradient of loss_sum / normalizer. Metric keys
+ending in `_sum` are divided by the normalizer; `expert_counts` is summed.
+"""
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+TRACE_COUNT = {"train_step": 0}  # bumped at trace time: a test asserts the step traces once
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def init_state(params, tx) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr: optax.Schedule,
+                    grad_accum: int = 1) -> Callable:
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    TRACE_COUNT["train_step"] += 1
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]),
+                         batch)
+
+    def accumulate(carry, mb):
+      (loss, (n, metrics)), grads = grad_fn(state.params, mb)
+      return jax.tree.map(jnp.add, carry, (loss, n, metrics, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    (loss, (n, metrics)), grads = grad_fn(state.params, first)
+    if grad_accum > 1:
+      rest = jax.tree.map(lambda x: x[1:], micro)
+      (loss, n, metrics, grads), _ = jax.lax.scan(accumulate, (loss, n, metrics, grads), rest)
+    denom = jnp.maximum(n, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    out = {"loss": loss / denom, "tokens": n, "grad_norm": optax.global_norm(grads),
+           "lr": lr(state.step)}
+    for k, v in metrics.items():
+      out[k[:-4] if k.endswith("_sum") else k] = v / denom if k.endswith("_sum") else v
+    return TrainState(state.step + 1, params, opt_state), out
+
+  return train_step
+
+
+def jit_train_step(train_step: Callable, state_shardings, batch_sharding) -> Callable:
+  # donate: the old state's buffers are reused for the new state
+  return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, None), donate_argnums=0)

@@ -1,0 +1,36 @@
+"""Tokenizers: a user's `tokenizer.json` (e.g. Llama 4's) or the built-in byte-level one.
+
+Both are HF `tokenizers.Tokenizer` objects. The built-in one maps each byte to one token and adds
+the Llama 4 special tokens the stages use, so the embedded task needs no download.
+"""
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+# Llama 4's special tokens, in the order they get ids after the 256 bytes.
+SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|header_start|>",
+           "<|header_end|>", "<|eot|>")
+BYTE_VOCAB_SIZE = 264  # 256 bytes + 6 special tokens, rounded up to a multiple of 8
+
+
+def byte_tokenizer() -> Tokenizer:
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens(list(SPECIAL))
+  return tok
+
+
+def load(path: str | None) -> Tokenizer:
+  if path is None:
+    return byte_tokenizer()
+  try:
+    return Tokenizer.from_file(str(path))
+  except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+    raise ValueError(f"cannot load tokenizer {path}: {e}") from e
+
+
+def special_id(tok: Tokenizer, token: str) -> int:
+  i = tok.token_to_id(token)
+  if i is None:
+    raise ValueError(f"tokenizer has no {token!r} token")
+  return i
