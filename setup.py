@@ -22,7 +22,11 @@ setup(
         "tokenizers>=0.22,<1",
         "pyyaml>=6,<7",
         "tqdm>=4.66",
+        "pyarrow>=17",
+        "tensorboardX>=2.6,<3",
+        "matplotlib>=3.9,<4",
     ],
+    entry_points={"console_scripts": ["llama4-train=train.__main__:main"]},
     extras_require={
         # torch 2.13.0 (CPU) comes from a local wheel; any other pin pulls a multi-GB CUDA build.
         "test": [

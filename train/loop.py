@@ -89,7 +89,9 @@ def run(cfg: RunConfig) -> dict:
                             abstract)
     state = ckpt.restore(start, abstract, data_iter)
   else:
-    state = step_lib.init_state(initial_params(cfg, model_cfg, replicated), tx)
+    # every leaf on the mesh, as the step's outputs will be: otherwise step 1 retraces
+    state = jax.device_put(step_lib.init_state(initial_params(cfg, model_cfg, replicated), tx),
+                           replicated)
 
   flops_per_token = metrics_lib.train_flops_per_token(model_cfg.text, cfg.data.seq_len)
   peak, peak_source = metrics_lib.peak_flops(cfg.peak_flops_per_device, compute_dtype)
