@@ -50,25 +50,29 @@ def make_context(cfg: TextConfig, q_idx_T, k_idx_S, seg_q_BT, seg_k_BS, chunk_q_
 
 
 def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-  """Softmax attention with grouped KV heads; scores and softmax in fp32."""
+  """Softmax attention with grouped KV heads; scores and softmax in fp32.
+
+  Query head n uses KV head n // (N/K) (HF's repeat_kv). The G query heads of a KV head are
+  folded into the row axis, so both products are plain batched matmuls over (B, K).
+  """
   b, t, n, h = q_BTNH.shape
   k = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)  # query head n uses KV head n // (N/K), as repeat_kv
-  s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
-                       preferred_element_type=jnp.float32) * (h ** -0.5)
+  g = n // k
+  q_BKQH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
+  s_BKQS = jnp.einsum("BKQH,BSKH->BKQS", q_BKQH, k_BSKH,
+                      preferred_element_type=jnp.float32) * (h ** -0.5)
+  s_BKGTS = s_BKQS.reshape(b, k, g, t, -1)
   # A finite fill keeps fully masked rows (padding queries) finite instead of NaN.
   s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
-  p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
-  return o_BTKGH.reshape(b, t, n, h)
+  p_BKQS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype).reshape(b, k, g * t, -1)
+  o_BKQH = jnp.einsum("BKQS,BSKH->BKQH", p_BKQS, v_BSKH)
+  return o_BKQH.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def attention(p: dict, x_BTD: jax.Array, ctx: Context, cfg: TextConfig, use_rope: bool,
               chunked: bool, kv: dict | None = None) -> tuple[jax.Array, dict | None]:
   """One attention sublayer. `kv` is this layer's cache {'k','v': [B, S, K, H]} or None."""
-  q = jnp.einsum("BTD,DNH->BTNH", x_BTD, p["q"])
-  k = jnp.einsum("BTD,DKH->BTKH", x_BTD, p["k"])
-  v = jnp.einsum("BTD,DKH->BTKH", x_BTD, p["v"])
+  q, k, v = (layers.dense(x_BTD, p[name]) for name in ("q", "k", "v"))
   if use_rope:
     q, k = layers.apply_rope(q, ctx.angles_BTJ), layers.apply_rope(k, ctx.angles_BTJ)
     if cfg.use_qk_norm:  # weightless per-head RMSNorm, after RoPE, RoPE layers only
@@ -81,4 +85,5 @@ def attention(p: dict, x_BTD: jax.Array, ctx: Context, cfg: TextConfig, use_rope
           "v": jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), at)}
     k, v = kv["k"].astype(q.dtype), kv["v"].astype(q.dtype)
   o = attend(q, k, v, ctx.chunk_mask_BTS if chunked else ctx.full_mask_BTS)
-  return jnp.einsum("BTNH,NHD->BTD", o, p["o"]), kv
+  b, t, n, h = o.shape
+  return layers.dense(o.reshape(b, t, n * h), p["o"].reshape(n * h, -1)), kv

@@ -91,7 +91,7 @@ def embed_tokens(cfg: TextConfig, params: dict, input_ids: jax.Array) -> jax.Arr
 def head(cfg: TextConfig, params: dict, x_BTD: jax.Array) -> jax.Array:
   x = layers.rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps)
   w_DV = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-  return jnp.einsum("BTD,DV->BTV", x, w_DV)
+  return layers.dense(x, w_DV)
 
 
 def run(cfg: TextConfig, params: dict, x_BTD: jax.Array, ctx: attention.Context,

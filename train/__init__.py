@@ -1,0 +1,1 @@
+"""train: the training stack shared by every stage (data, optimizer, step, checkpoints, loop)."""
