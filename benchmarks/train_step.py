@@ -75,7 +75,7 @@ def main():
   parser.add_argument("--skip-hf", action="store_true")
   args = parser.parse_args()
   ids = np.random.RandomState(0).randint(0, BENCH.vocab_size, (BATCH, SEQ)).astype(np.int32)
-  peak = metrics.measure_matmul_peak(jnp.float32, n=2048, repeats=5)
+  peak = metrics.measure_matmul_peak(jnp.float32, n=2048, repeats=3)
   flops = metrics.train_flops_per_token(BENCH, SEQ)
   tok_s = ours(ids, args.steps)
   print(f"device: {jax.devices()[0].device_kind}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")

@@ -16,6 +16,9 @@ from llama4_jax import layers
 from llama4_jax.config import TextConfig
 
 
+QUERY_BLOCK = 256  # queries per block when long self-attention skips invisible keys
+
+
 class Context(NamedTuple):
   """Per-forward tensors shared by all layers."""
   angles_BTJ: jax.Array      # RoPE angles of the queries/new keys, fp32
@@ -69,6 +72,23 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: ja
   return o_BKQH.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+def attend_blocked(q_BTNH, k_BTKH, v_BTKH, mask_BTT, window: int | None, block: int) -> jax.Array:
+  """`attend` over query blocks, skipping keys no query of the block can see (self-attention only).
+
+  Causality bounds keys by the block's end. A chunked layer's query at index i sees only keys of
+  its own chunk, and chunks (even restarted per packed document) start at or after i - window + 1,
+  so its keys lie in [start - window + 1, end): O(T * window) work instead of O(T^2).
+  """
+  t = q_BTNH.shape[1]
+  outs = []
+  for start in range(0, t, block):
+    end = min(start + block, t)
+    lo = 0 if window is None else max(0, start - window + 1)
+    outs.append(attend(q_BTNH[:, start:end], k_BTKH[:, lo:end], v_BTKH[:, lo:end],
+                       mask_BTT[:, start:end, lo:end]))
+  return jnp.concatenate(outs, axis=1)
+
+
 def attention(p: dict, x_BTD: jax.Array, ctx: Context, cfg: TextConfig, use_rope: bool,
               chunked: bool, kv: dict | None = None) -> tuple[jax.Array, dict | None]:
   """One attention sublayer. `kv` is this layer's cache {'k','v': [B, S, K, H]} or None."""
@@ -84,6 +104,10 @@ def attention(p: dict, x_BTD: jax.Array, ctx: Context, cfg: TextConfig, use_rope
     kv = {"k": jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), at),
           "v": jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), at)}
     k, v = kv["k"].astype(q.dtype), kv["v"].astype(q.dtype)
-  o = attend(q, k, v, ctx.chunk_mask_BTS if chunked else ctx.full_mask_BTS)
+  mask = ctx.chunk_mask_BTS if chunked else ctx.full_mask_BTS
+  if kv is None and q.shape[1] >= 2 * QUERY_BLOCK:
+    o = attend_blocked(q, k, v, mask, cfg.attention_chunk_size if chunked else None, QUERY_BLOCK)
+  else:
+    o = attend(q, k, v, mask)
   b, t, n, h = o.shape
   return layers.dense(o.reshape(b, t, n * h), p["o"].reshape(n * h, -1)), kv

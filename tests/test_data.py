@@ -105,3 +105,14 @@ def test_task_answers_are_checkable():
     assert int(rest) == (int(left) + int(right) if op == "+" else int(left) - int(right))
     assert tasks.reward(ex, ex["answer"] + "\n") == 1.0
     assert tasks.reward(ex, ex["answer"] + "7") == 0.0
+
+
+def test_tokenizer_json_path_gives_the_same_rows(tmp_path):
+  TOK.save(str(tmp_path / "tokenizer.json"))
+  path = _jsonl(tmp_path / "a.jsonl", ["hello", "world!"])
+  a = next(iter(data.make_dataset(_cfg(), (path,), TOK)))
+  b = next(iter(data.make_dataset(_cfg(), (path,), tokenizer_lib.load(str(tmp_path / "tokenizer.json")))))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  with pytest.raises(ValueError, match="cannot load tokenizer"):
+    tokenizer_lib.load(str(tmp_path / "a.jsonl"))

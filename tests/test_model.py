@@ -126,3 +126,20 @@ def test_param_counts_of_released_models():
   # HF's own count on the meta device (the seeds' 109.7B counts the embedding twice).
   assert l4.param_count(l4.presets.scout()) == 107_769_861_120
   assert l4.param_count(l4.presets.maverick()) == 400_711_848_960
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_blocked_attention_equals_dense(window):
+  from llama4_jax import attention
+  t = CFG.text
+  seg = jnp.asarray([[1] * 40 + [2] * 24, [0] * 5 + [1] * 59])
+  ctx = model.token_context(dataclasses.replace(t, attention_chunk_size=window), 2, 64,
+                            segment_ids=seg)
+  mask = ctx.full_mask_BTS if window is None else ctx.chunk_mask_BTS
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(k1, (2, 64, 4, 8))
+  k, v = jax.random.normal(k2, (2, 64, 2, 8)), jax.random.normal(k3, (2, 64, 2, 8))
+  valid = np.asarray(seg != 0)
+  want = np.asarray(attention.attend(q, k, v, mask))[valid]
+  got = np.asarray(attention.attend_blocked(q, k, v, mask, window, 16))[valid]
+  np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)

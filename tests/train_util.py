@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 TINY = {
-    "steps": 8, "log_every": 1, "report": False,
+    "steps": 12, "log_every": 1, "report": False,
     "model": {"preset": "tiny", "text": {"vocab_size": 264, "bos_token_id": 256,
                                          "eos_token_id": [257], "pad_token_id": 258}},
     "data": {"synthetic": {"num_examples": 2000, "max_operand": 99}, "seq_len": 32,
@@ -26,8 +26,9 @@ def write_recipe(path: Path, workdir: Path, **overrides) -> Path:
   return path
 
 
-def train_process(recipe: Path, cache_dir: Path, *extra: str) -> subprocess.Popen:
+def train_process(recipe: Path, cache_dir: Path, *extra: str, devices: int = 1) -> subprocess.Popen:
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "XLA_FLAGS": ""}
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   return subprocess.Popen([sys.executable, "-m", "train", str(recipe), *extra], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

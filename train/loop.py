@@ -17,6 +17,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 import llama4_jax as l4
+from llama4_jax.config import text_to_hf
 from train import checkpoint, data, metrics as metrics_lib, optim, pretrain, step as step_lib
 from train import tokenizer as tokenizer_lib
 from train.config import MeshConfig, RunConfig, to_dict
@@ -39,9 +40,12 @@ def initial_params(cfg: RunConfig, model_cfg: l4.Config, sharding) -> dict:
     init = jax.jit(l4.init_params, static_argnums=(0, 2), out_shardings=sharding)
     return init(model_cfg, jax.random.key(cfg.seed), jnp.float32)
   hf_cfg, params = l4.load_hf(cfg.model.init_from_hf, dtype=jnp.float32)
-  if hf_cfg.text != model_cfg.text:
+  # Compare the canonical HF form: explicit and derived layer patterns are the same model.
+  ours, theirs = text_to_hf(model_cfg.text), text_to_hf(hf_cfg.text)
+  diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+  if diff:
     raise ValueError(f"model.init_from_hf={cfg.model.init_from_hf}: its config differs from the "
-                     f"recipe's model (set model.text to match)")
+                     f"recipe's model in {diff} (set model.text to match)")
   params.pop(l4.convert.PASSTHROUGH_KEY, None)
   return jax.device_put(params, sharding)
 
