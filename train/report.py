@@ -28,7 +28,7 @@ def write(workdir: Path) -> Path:
   if counts.ndim == 3 and counts.shape[1] > 0:
     tail = counts[len(counts) * 4 // 5:].sum(0)  # the last 20% of steps
     share = tail / np.maximum(tail.sum(-1, keepdims=True), 1)
-    im = ax_load.imshow(share, aspect="auto", cmap="viridis")
+    im = ax_load.imshow(share, aspect="auto", cmap="viridis", vmin=0.0)
     ax_load.set(xlabel="expert", ylabel="MoE layer (in order)", xticks=range(share.shape[1]),
                 yticks=range(share.shape[0]), title="share of tokens per expert (last 20% of steps)")
     fig.colorbar(im, ax=ax_load)
