@@ -11,7 +11,7 @@ TINY = {
     "model": {"preset": "tiny", "text": {"vocab_size": 264, "bos_token_id": 256,
                                          "eos_token_id": [257], "pad_token_id": 258}},
     "data": {"synthetic": {"num_examples": 2000, "max_operand": 99}, "seq_len": 32,
-             "batch_size": 4, "packing_bins": 4},
+             "batch_size": 8, "packing_bins": 4},
     "optim": {"lr": 3e-3, "warmup_steps": 2},
     "checkpoint": {"every": 2, "keep": 3},
 }

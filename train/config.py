@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 import llama4_jax as l4
+from sharding.mesh import MeshConfig
 
 PRESETS = {"tiny": l4.presets.tiny, "scout": l4.presets.scout, "maverick": l4.presets.maverick}
 
@@ -93,15 +94,6 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  data: int = 1
-  fsdp: int = 1
-  expert: int = 1
-  tensor: int = 1
-  context: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
 class RunConfig:
   workdir: str = "workdirs/quickstart"
   steps: int = 300
@@ -113,7 +105,7 @@ class RunConfig:
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
-  mesh: MeshConfig = MeshConfig()
+  mesh: MeshConfig = MeshConfig(data=-1)  # all devices data-parallel
 
 
 def _type_name(tp) -> str:

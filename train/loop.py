@@ -13,31 +13,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 import llama4_jax as l4
 from llama4_jax.config import text_to_hf
 from train import checkpoint, data, metrics as metrics_lib, optim, pretrain, step as step_lib
 from train import tokenizer as tokenizer_lib
-from train.config import MeshConfig, RunConfig, to_dict
+import sharding
+from train.config import RunConfig, to_dict
 
 
-def make_mesh(mc: MeshConfig) -> Mesh:
-  """A data-parallel mesh. Model-parallel axes (fsdp, expert, tensor, context) need sharding/."""
-  other = {a: getattr(mc, a) for a in ("fsdp", "expert", "tensor", "context")}
-  if any(v != 1 for v in other.values()):
-    raise ValueError(f"mesh {other}: model-parallel axes are not available in this version; "
-                     "use mesh.data only")
-  devices = jax.devices()
-  if mc.data > len(devices):
-    raise ValueError(f"mesh.data={mc.data} but only {len(devices)} devices are visible")
-  return Mesh(np.asarray(devices[:mc.data]), ("data",), axis_types=(AxisType.Auto,))
-
-
-def initial_params(cfg: RunConfig, model_cfg: l4.Config, sharding) -> dict:
+def initial_params(cfg: RunConfig, model_cfg: l4.Config, shardings) -> dict:
   if cfg.model.init_from_hf is None:
-    init = jax.jit(l4.init_params, static_argnums=(0, 2), out_shardings=sharding)
+    init = jax.jit(l4.init_params, static_argnums=(0, 2), out_shardings=shardings)
     return init(model_cfg, jax.random.key(cfg.seed), jnp.float32)
   hf_cfg, params = l4.load_hf(cfg.model.init_from_hf, dtype=jnp.float32)
   # Compare the canonical HF form: explicit and derived layer patterns are the same model.
@@ -47,7 +36,7 @@ def initial_params(cfg: RunConfig, model_cfg: l4.Config, sharding) -> dict:
     raise ValueError(f"model.init_from_hf={cfg.model.init_from_hf}: its config differs from the "
                      f"recipe's model in {diff} (set model.text to match)")
   params.pop(l4.convert.PASSTHROUGH_KEY, None)
-  return jax.device_put(params, sharding)
+  return jax.device_put(params, shardings)
 
 
 def _check_vocab(tok, model_cfg: l4.Config) -> None:
@@ -76,26 +65,32 @@ def run(cfg: RunConfig) -> dict:
   paths = data.resolve_paths(cfg.data, str(workdir))  # a missing file fails before compiling
   data_iter = iter(data.make_dataset(cfg.data, paths, tok, jax.process_index(),
                                      jax.process_count()))
-  mesh = make_mesh(cfg.mesh)
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  if cfg.mesh.context != 1:
+    raise ValueError("mesh.context > 1 (sequence parallelism) is not available in this version")
+  mesh = sharding.make_mesh(cfg.mesh)
   tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps)
+  replicated, batch_sharding = NamedSharding(mesh, P()), sharding.batch_sharding(mesh)
+  param_sh = sharding.param_shardings(model_cfg, mesh)
+  abstract = jax.eval_shape(
+      lambda: step_lib.init_state(l4.init_params(model_cfg, jax.random.key(0)), tx))
+  state_sh = step_lib.TrainState(
+      replicated, param_sh, sharding.state_shardings(tx, abstract.opt_state, param_sh, mesh))
   compute_dtype = jnp.dtype(cfg.model.compute_dtype)
   loss_fn = pretrain.make_loss(model_cfg, compute_dtype, cfg.model.remat, cfg.optim.z_loss,
                                cfg.optim.load_balance)
   train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum), replicated, batch_sharding)
+      step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum), state_sh, batch_sharding)
 
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))
   start = ckpt.latest_step() or 0
-  if start:
-    abstract = jax.eval_shape(lambda: step_lib.init_state(l4.init_params(model_cfg, jax.random.key(0)), tx))
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                            abstract)
-    state = ckpt.restore(start, abstract, data_iter)
+  if start:  # restored straight into this run's shardings, whatever mesh saved it
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          abstract, state_sh)
+    state = ckpt.restore(start, target, data_iter)
   else:
-    # every leaf on the mesh, as the step's outputs will be: otherwise step 1 retraces
-    state = jax.device_put(step_lib.init_state(initial_params(cfg, model_cfg, replicated), tx),
-                           replicated)
+    # every leaf placed as the step's outputs will be: otherwise step 1 retraces
+    state = jax.device_put(step_lib.init_state(initial_params(cfg, model_cfg, param_sh), tx),
+                           state_sh)
 
   flops_per_token = metrics_lib.train_flops_per_token(model_cfg.text, cfg.data.seq_len)
   peak, peak_source = metrics_lib.peak_flops(cfg.peak_flops_per_device, compute_dtype)

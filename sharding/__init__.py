@@ -1,0 +1,11 @@
+"""sharding: device meshes and the ONE table from logical parameter axes to mesh axes.
+
+The model (`llama4_jax`) only names its axes (`l4.param_specs`); this package decides where they
+live. Only this package touches JAX sharding APIs.
+"""
+from sharding.mesh import AXES, MeshConfig, make_mesh, resolve
+from sharding.rules import (RULES, batch_sharding, param_shardings, partition_specs, spec_for,
+                            state_shardings)
+
+__all__ = ["AXES", "MeshConfig", "RULES", "batch_sharding", "make_mesh", "param_shardings", "partition_specs",
+           "resolve", "spec_for", "state_shardings"]

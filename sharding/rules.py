@@ -1,0 +1,73 @@
+"""THE table from logical axis names to mesh axes, and the shardings it implies.
+
+Parameters carry logical axes (`l4.param_specs`); RULES maps each to mesh axes. Expert weights
+[E, D, F] land on (expert, fsdp, tensor); the batch is split over (data, fsdp, expert). A mesh
+axis of size 1 is dropped from the spec, so one table serves every mesh.
+"""
+import math
+from typing import Mapping
+
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import llama4_jax as l4
+
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp", "expert"),
+    "layers": (),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "norm": (),
+    "q_heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "expert": ("expert",),
+    "router": (),
+}
+
+
+def spec_for(name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+             mesh_shape: Mapping[str, int]) -> P:
+  """PartitionSpec of one array with logical `axes`; non-dividing sizes are an error."""
+  parts = []
+  for dim, logical in zip(shape, axes):
+    if logical not in RULES:
+      raise ValueError(f"{name}: logical axis {logical!r} has no rule; known: {sorted(RULES)}")
+    mesh_axes = tuple(a for a in RULES[logical] if mesh_shape.get(a, 1) > 1)
+    size = math.prod(mesh_shape[a] for a in mesh_axes)
+    if dim % size:
+      raise ValueError(f"{name}: axis {logical!r} of size {dim} is not divisible by mesh axes "
+                       f"{mesh_axes} of total size {size}")
+    parts.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+  return P(*parts)
+
+
+def partition_specs(cfg: l4.Config, mesh_shape: Mapping[str, int]) -> dict:
+  """PartitionSpec for every leaf of `l4.init_params(cfg, ...)`, for mesh axis sizes only (no
+  devices needed: golden tests check pod-sized meshes on a laptop)."""
+  specs = l4.param_specs(cfg)
+  paths, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=l4.is_spec)
+  out = [spec_for(jax.tree_util.keystr(p), s.shape, s.axes, mesh_shape) for p, s in paths]
+  return jax.tree.unflatten(treedef, out)
+
+
+def param_shardings(cfg: l4.Config, mesh: Mesh) -> dict:
+  """NamedSharding for every leaf of `l4.init_params(cfg, ...)`."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                      partition_specs(cfg, dict(mesh.shape)),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[B, T] inputs: the batch over (data, fsdp, expert)."""
+  axes = tuple(a for a in RULES["batch"] if mesh.shape[a] > 1)
+  return NamedSharding(mesh, P(axes or None))
+
+
+def state_shardings(tx: optax.GradientTransformation, abstract_opt_state, param_sh, mesh: Mesh):
+  """Optimizer-state shardings: moments like their params, everything else replicated."""
+  replicated = NamedSharding(mesh, P())
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_sh,
+                               transform_non_params=lambda _: replicated)

@@ -1,0 +1,102 @@
+"""Sharding rules (golden, pod-sized meshes without devices) and sharded == single-device math on
+8 fake CPU devices."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import llama4_jax as l4
+import sharding as sh
+from train import config as run_config
+
+POD_MESHES = [{"fsdp": 16, "expert": 16}, {"data": 2, "fsdp": 8, "expert": 16},
+              {"fsdp": 8, "expert": 8, "tensor": 4}, {"data": 4, "fsdp": 32, "expert": 4}]
+
+
+def _leaves(cfg, mesh_shape):
+  specs = l4.param_specs(cfg)
+  parts = sh.partition_specs(cfg, mesh_shape)
+  flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=l4.is_spec)[0]
+  flat_parts = jax.tree.leaves(parts, is_leaf=lambda x: isinstance(x, P))
+  return [(jax.tree_util.keystr(p), s, part) for (p, s), part in zip(flat_specs, flat_parts)]
+
+
+@pytest.mark.parametrize("preset", ["scout", "maverick"])
+@pytest.mark.parametrize("mesh_shape", POD_MESHES, ids=lambda m: "-".join(f"{k}{v}" for k, v in m.items()))
+def test_golden_rules_for_released_models(preset, mesh_shape):
+  cfg = getattr(l4.presets, preset)()
+  want = {  # logical axes -> spec, written out by hand from the design
+      ("vocab", "embed"): ("tensor", "fsdp"),
+      ("layers", "expert", "embed", "mlp"): (None, "expert", "fsdp", "tensor"),
+      ("layers", "expert", "mlp", "embed"): (None, "expert", "tensor", "fsdp"),
+      ("layers", "embed", "q_heads", "head_dim"): (None, "fsdp", "tensor", None),
+      ("layers", "q_heads", "head_dim", "embed"): (None, "tensor", None, "fsdp"),
+      ("layers", "embed", "router"): (None, "fsdp", None),
+      ("layers", "norm"): (None, None),
+  }
+  offenders = []
+  for name, spec, part in _leaves(cfg, mesh_shape):
+    expected = want.get(spec.axes)
+    if expected is not None:
+      expected = tuple(a if a is None or mesh_shape.get(a, 1) > 1 else None for a in expected)
+      assert tuple(part) + (None,) * (len(spec.shape) - len(part)) == expected, name
+    if "expert" in spec.axes:
+      assert part[spec.axes.index("expert")] == "expert", name
+    if mesh_shape.get("fsdp", 1) > 1 and all(p is None for p in part):
+      if math.prod(spec.shape) * 2 > 2**20:  # bf16 bytes
+        offenders.append(name)
+  assert not offenders, f"params over 1 MiB fully replicated with fsdp > 1: {offenders}"
+
+
+def test_bad_meshes_fail_before_compiling():
+  with pytest.raises(ValueError, match="multiply to 4, but there are 8 devices"):
+    sh.make_mesh(sh.MeshConfig(data=2, fsdp=2))
+  assert sh.resolve(sh.MeshConfig(fsdp=-1, expert=2), 8)["fsdp"] == 4
+  with pytest.raises(ValueError, match="at most one axis may be -1"):
+    sh.MeshConfig(data=-1, fsdp=-1)
+  with pytest.raises(ValueError, match=r"axis 'expert' of size 4 is not divisible by mesh axes \('expert',\)"):
+    sh.partition_specs(l4.presets.tiny(), {"expert": 8})
+  with pytest.raises(run_config.ConfigError, match=r"unknown key\(s\) \['pipeline'\] in mesh; valid keys: \['data', 'fsdp'"):
+    run_config.load(None, ("mesh.pipeline=2",))
+
+
+CFG = l4.Config(text=dataclasses.replace(l4.presets.tiny().text, num_local_experts=8,
+                                         initializer_range=0.125))
+
+
+def _loss(params, ids):
+  out = l4.apply(CFG, params, ids)
+  logits = out.logits[:, :-1]
+  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, ids[:, 1:, None], -1)[..., 0]
+  return jnp.mean(nll), out.expert_counts
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  params = jax.jit(l4.init_params, static_argnums=0)(CFG, jax.random.key(0))
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, 256, (8, 24)))
+  (loss, counts), grads = jax.jit(jax.value_and_grad(_loss, has_aux=True))(params, ids)
+  return params, ids, loss, counts, grads
+
+
+@pytest.mark.parametrize("mesh_cfg", [dict(data=2, fsdp=2, expert=2), dict(fsdp=2, expert=4),
+                                      dict(expert=8), dict(fsdp=4, tensor=2)],
+                         ids=lambda m: "-".join(f"{k}{v}" for k, v in m.items()))
+def test_sharded_loss_and_grads_equal_single_device(single_device, mesh_cfg):
+  params, ids, loss, counts, grads = single_device
+  mesh = sh.make_mesh(sh.MeshConfig(**mesh_cfg))
+  param_sh = sh.param_shardings(CFG, mesh)
+  fn = jax.jit(jax.value_and_grad(_loss, has_aux=True),
+               in_shardings=(param_sh, sh.batch_sharding(mesh)),
+               out_shardings=((None, None), param_sh))  # grads sharded like params, as in training
+  (s_loss, s_counts), s_grads = fn(jax.device_put(params, param_sh),
+                                   jax.device_put(ids, sh.batch_sharding(mesh)))
+  assert s_grads["blocks"][1]["moe"]["gate"].sharding.spec == param_sh["blocks"][1]["moe"]["gate"].spec
+  np.testing.assert_allclose(np.asarray(s_loss), np.asarray(loss), atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(np.asarray(s_counts), np.asarray(counts))  # nothing dropped
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5,
+                                                       rtol=0), s_grads, grads)
