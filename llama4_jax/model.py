@@ -22,7 +22,7 @@ class Output(NamedTuple):
 
 
 def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot: int,
-           kv: dict | None):
+           kv: dict | None, moe_fn: moe.MoeFn):
   """One decoder layer: pre-norm attention and FFN with residuals."""
   use_rope, chunked, is_moe = cfg.layer_kind(slot)
   h, kv = attention.attention(p, layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), ctx, cfg,
@@ -31,7 +31,7 @@ def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot:
   y = layers.rms_norm(x, p["ffn_norm"], cfg.rms_norm_eps)
   aux = {}
   if is_moe:
-    y, r, counts = moe.moe(p["moe"], y, cfg.num_experts_per_tok)
+    y, r, counts = moe_fn(p["moe"], y, cfg.num_experts_per_tok)
     aux = {"counts": counts, "logits": r.logits_NE}
   else:
     y = layers.swiglu(y, p["mlp"]["gate"], p["mlp"]["up"], p["mlp"]["down"])
@@ -39,7 +39,7 @@ def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot:
 
 
 def _decoder(cfg: TextConfig, blocks: list, x: jax.Array, ctx: attention.Context,
-             caches: list | None, scan: bool, remat: bool):
+             caches: list | None, scan: bool, remat: bool, moe_fn: moe.MoeFn):
   """Runs all layers: a scan over groups of `period` layers (or a Python loop when scan=False)."""
   period = len(blocks)
 
@@ -48,7 +48,7 @@ def _decoder(cfg: TextConfig, blocks: list, x: jax.Array, ctx: attention.Context
     hidden, auxes, new_caches = [], [], []
     for s in range(period):
       kv = None if block_caches is None else block_caches[s]
-      x, aux, kv = _block(block_params[s], x, ctx, cfg, s, kv)
+      x, aux, kv = _block(block_params[s], x, ctx, cfg, s, kv, moe_fn)
       hidden.append(x)
       auxes.append(aux)
       new_caches.append(kv)
@@ -96,9 +96,13 @@ def head(cfg: TextConfig, params: dict, x_BTD: jax.Array) -> jax.Array:
 
 def run(cfg: TextConfig, params: dict, x_BTD: jax.Array, ctx: attention.Context,
         caches: list | None = None, *, scan: bool = True, remat: bool = False,
-        return_hidden: bool = False) -> Output:
-  """Layers + head on embeddings, with a prepared attention context."""
-  x, (hidden, auxes, caches) = _decoder(cfg, params["blocks"], x_BTD, ctx, caches, scan, remat)
+        return_hidden: bool = False, moe_fn: moe.MoeFn = moe.moe) -> Output:
+  """Layers + head on embeddings, with a prepared attention context.
+
+  moe_fn computes the MoE sublayer; `sharding/` passes an expert-parallel one.
+  """
+  x, (hidden, auxes, caches) = _decoder(cfg, params["blocks"], x_BTD, ctx, caches, scan, remat,
+                                        moe_fn)
   n, b, t, d = cfg.num_hidden_layers, *x_BTD.shape
   counts = _ordered_moe_aux(auxes, "counts")
   logits_moe = _ordered_moe_aux(auxes, "logits")
@@ -137,13 +141,13 @@ def token_context(cfg: TextConfig, batch: int, length: int, attention_mask=None,
 
 def apply(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None, *,
           positions=None, segment_ids=None, scan: bool = True, remat: bool = False,
-          return_hidden: bool = False) -> Output:
+          return_hidden: bool = False, moe_fn: moe.MoeFn = moe.moe) -> Output:
   """Full forward with every output (see `Output`)."""
   t = cfg.text
   b, length = input_ids.shape
   ctx = token_context(t, b, length, attention_mask, positions, segment_ids)
   return run(t, params, embed_tokens(t, params, input_ids), ctx, scan=scan, remat=remat,
-             return_hidden=return_hidden)
+             return_hidden=return_hidden, moe_fn=moe_fn)
 
 
 def forward(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None, *,

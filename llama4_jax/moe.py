@@ -7,7 +7,7 @@ experts. The grouped matmul is `jax.lax.ragged_dot` where it is native (GPU/TPU)
 ragged_dot lowers to a dense dot over all experts, so there rows are padded into per-expert blocks
 and each block multiplies its expert's weights (a batched matmul of gathered weights).
 """
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,10 @@ def _block_size(rows: int, num_experts: int) -> int:
 
 def expert_ffn_blocked(x_MD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array,
                        up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
-  """SwiGLU experts over rows sorted by expert; blocks of b rows each belong to one expert."""
+  """SwiGLU experts over rows sorted by expert; blocks of b rows each belong to one expert.
+
+  Rows past sum(group_sizes) belong to no expert and give zeros (as with ragged_dot).
+  """
   m, d = x_MD.shape
   e = group_sizes_E.shape[0]
   b = _block_size(m, e)
@@ -47,14 +50,15 @@ def expert_ffn_blocked(x_MD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.
   group_of_row = jnp.repeat(jnp.arange(e), group_sizes_E, total_repeat_length=m)
   row_in_group = jnp.arange(m) - (jnp.cumsum(group_sizes_E) - group_sizes_E)[group_of_row]
   dest_M = (ends_E - padded_E)[group_of_row] + row_in_group
-  x_PD = jnp.zeros((nblocks * b, d), x_MD.dtype).at[dest_M].set(x_MD, unique_indices=True)
+  dest_M = jnp.where(jnp.arange(m) < jnp.sum(group_sizes_E), dest_M, nblocks * b)  # unassigned
+  x_PD = jnp.zeros((nblocks * b, d), x_MD.dtype).at[dest_M].set(x_MD, mode="drop")
   # Trailing empty blocks index past the last group; their rows are zero, any expert will do.
   block_expert = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(nblocks) * b, side="right"), e - 1)
   x_BbD = x_PD.reshape(nblocks, b, d)
   g = jnp.einsum("XbD,XDF->XbF", x_BbD, gate_EDF[block_expert])
   u = jnp.einsum("XbD,XDF->XbF", x_BbD, up_EDF[block_expert])
   y = jnp.einsum("XbF,XFD->XbD", jax.nn.silu(g) * u, down_EFD[block_expert])
-  return y.reshape(nblocks * b, d)[dest_M]
+  return y.reshape(nblocks * b, d).at[dest_M].get(mode="fill", fill_value=0)
 
 
 def expert_ffn_ragged(x_MD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array,
@@ -79,6 +83,9 @@ def sort_by_expert(r: Routing, num_experts: int) -> tuple[jax.Array, jax.Array, 
   token_A = (jnp.arange(n * k, dtype=jnp.int32) // k)[order_A]
   counts_E = jnp.bincount(experts_A, length=num_experts).astype(jnp.int32)
   return token_A, r.weights_NK.reshape(-1)[order_A], counts_E
+
+
+MoeFn = Callable[[dict, jax.Array, int], tuple[jax.Array, Routing, jax.Array]]
 
 
 def moe(p: dict, x_BTD: jax.Array, k: int) -> tuple[jax.Array, Routing, jax.Array]:

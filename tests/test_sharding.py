@@ -2,6 +2,7 @@
 8 fake CPU devices."""
 import dataclasses
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,8 @@ from jax.sharding import PartitionSpec as P
 
 import llama4_jax as l4
 import sharding as sh
+from llama4_jax import moe
+from sharding import expert
 from train import config as run_config
 
 POD_MESHES = [{"fsdp": 16, "expert": 16}, {"data": 2, "fsdp": 8, "expert": 16},
@@ -68,8 +71,8 @@ CFG = l4.Config(text=dataclasses.replace(l4.presets.tiny().text, num_local_exper
                                          initializer_range=0.125))
 
 
-def _loss(params, ids):
-  out = l4.apply(CFG, params, ids)
+def _loss(params, ids, moe_fn=moe.moe):
+  out = l4.apply(CFG, params, ids, moe_fn=moe_fn)
   logits = out.logits[:, :-1]
   nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, ids[:, 1:, None], -1)[..., 0]
   return jnp.mean(nll), out.expert_counts
@@ -83,14 +86,22 @@ def single_device():
   return params, ids, loss, counts, grads
 
 
-@pytest.mark.parametrize("mesh_cfg", [dict(data=2, fsdp=2, expert=2), dict(fsdp=2, expert=4),
-                                      dict(expert=8), dict(fsdp=4, tensor=2)],
-                         ids=lambda m: "-".join(f"{k}{v}" for k, v in m.items()))
-def test_sharded_loss_and_grads_equal_single_device(single_device, mesh_cfg):
+MESHES = [dict(data=2, fsdp=2, expert=2), dict(fsdp=2, expert=4), dict(expert=8),
+          dict(fsdp=4, tensor=2)]
+
+
+CASES = [(m, ep) for m in MESHES for ep in (False, True) if not ep or m.get("expert", 1) > 1]
+
+
+@pytest.mark.parametrize("mesh_cfg,ep", CASES, ids=lambda v: (
+    "-".join(f"{k}{n}" for k, n in v.items()) if isinstance(v, dict)
+    else ("expert_parallel" if v else "gspmd_moe")))
+def test_sharded_loss_and_grads_equal_single_device(single_device, mesh_cfg, ep):
   params, ids, loss, counts, grads = single_device
   mesh = sh.make_mesh(sh.MeshConfig(**mesh_cfg))
   param_sh = sh.param_shardings(CFG, mesh)
-  fn = jax.jit(jax.value_and_grad(_loss, has_aux=True),
+  moe_fn = expert.moe_fn(mesh) if ep else moe.moe
+  fn = jax.jit(jax.value_and_grad(partial(_loss, moe_fn=moe_fn), has_aux=True),
                in_shardings=(param_sh, sh.batch_sharding(mesh)),
                out_shardings=((None, None), param_sh))  # grads sharded like params, as in training
   (s_loss, s_counts), s_grads = fn(jax.device_put(params, param_sh),
@@ -100,3 +111,20 @@ def test_sharded_loss_and_grads_equal_single_device(single_device, mesh_cfg):
   np.testing.assert_array_equal(np.asarray(s_counts), np.asarray(counts))  # nothing dropped
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5,
                                                        rtol=0), s_grads, grads)
+
+
+def test_expert_parallel_drops_nothing_when_every_token_picks_one_expert(single_device):
+  params, ids, _, _, _ = single_device
+  # zero routers: all logits tie and top-k takes the lowest index, expert 0, for every token
+  skewed = jax.tree.map(lambda a: a, params)
+  for block in skewed["blocks"]:
+    if "moe" in block:
+      block["moe"]["router"] = jnp.zeros_like(block["moe"]["router"])
+  want = jax.jit(lambda p: l4.apply(CFG, p, ids))(skewed)
+  mesh = sh.make_mesh(sh.MeshConfig(fsdp=2, expert=4))
+  param_sh = sh.param_shardings(CFG, mesh)
+  got = jax.jit(lambda p, i: l4.apply(CFG, p, i, moe_fn=expert.moe_fn(mesh)),
+                in_shardings=(param_sh, sh.batch_sharding(mesh)))(skewed, ids)
+  assert np.asarray(got.expert_counts)[:, 0].tolist() == [8 * 24] * 2
+  np.testing.assert_array_equal(np.asarray(got.expert_counts), np.asarray(want.expert_counts))
+  np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=1e-5, rtol=0)

@@ -77,7 +77,7 @@ def run(cfg: RunConfig) -> dict:
       replicated, param_sh, sharding.state_shardings(tx, abstract.opt_state, param_sh, mesh))
   compute_dtype = jnp.dtype(cfg.model.compute_dtype)
   loss_fn = pretrain.make_loss(model_cfg, compute_dtype, cfg.model.remat, cfg.optim.z_loss,
-                               cfg.optim.load_balance)
+                               cfg.optim.load_balance, sharding.expert.moe_fn(mesh))
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum), state_sh, batch_sharding)
 

@@ -49,7 +49,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr: opt
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    out = {"loss": loss / denom, "tokens": n, "grad_norm": optax.global_norm(grads),
+    out = {"loss": loss / denom, "tokens": n, "grad_norm": optax.tree.norm(grads),
            "lr": lr(state.step)}
     for k, v in metrics.items():
       out[k[:-4] if k.endswith("_sum") else k] = v / denom if k.endswith("_sum") else v
