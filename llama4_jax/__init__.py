@@ -14,11 +14,11 @@ from llama4_jax import presets
 from llama4_jax.config import Config, Llama3Scaling, TextConfig, VisionConfig
 from llama4_jax.decode import extend, init_cache
 from llama4_jax.hf_io import CheckpointError, load_hf, save_hf
-from llama4_jax.model import Output, apply, forward
+from llama4_jax.model import Hooks, Output, apply, forward
 from llama4_jax.params import ParamSpec, init_params, is_spec, param_axes, param_count, param_specs
 
 __all__ = [
-    "CheckpointError", "Config", "Llama3Scaling", "Output", "ParamSpec", "TextConfig", "VisionConfig",
+    "CheckpointError", "Config", "Hooks", "Llama3Scaling", "Output", "ParamSpec", "TextConfig", "VisionConfig",
     "apply", "is_spec",
     "extend", "forward", "init_cache", "init_params", "load_hf", "param_axes", "param_count",
     "param_specs", "presets", "save_hf",

@@ -3,7 +3,7 @@
 Reference: transformers `modeling_llama4.py` (Llama4TextModel, Llama4TextDecoderLayer,
 Llama4ForCausalLM). Pure functions of (config, params pytree, token ids).
 """
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +21,39 @@ class Output(NamedTuple):
   cache: dict | None            # the updated KV cache when one was passed
 
 
+ACTIVATION_AXES = ("batch", "seq", "act_embed")  # logical axes of the residual stream [B, T, D]
+
+
+def _unconstrained(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  del axes
+  return x
+
+
+class Hooks(NamedTuple):
+  """How the caller places the model's work; the model itself knows no mesh.
+
+  moe_fn: computes an MoE sublayer (`sharding.expert` passes an expert-parallel one).
+  constrain: (activation, its logical axes) -> activation; `sharding` passes a sharding constraint,
+    applied at block boundaries, around the MoE and on the logits.
+  """
+  moe_fn: moe.MoeFn = moe.moe
+  constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] = _unconstrained
+
+
 def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot: int,
-           kv: dict | None, moe_fn: moe.MoeFn):
+           kv: dict | None, hooks: Hooks):
   """One decoder layer: pre-norm attention and FFN with residuals."""
   use_rope, chunked, is_moe = cfg.layer_kind(slot)
+  x = hooks.constrain(x, ACTIVATION_AXES)
   h, kv = attention.attention(p, layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), ctx, cfg,
                               use_rope, chunked, kv)
   x = x + h
   y = layers.rms_norm(x, p["ffn_norm"], cfg.rms_norm_eps)
   aux = {}
   if is_moe:
-    y, r, counts = moe_fn(p["moe"], y, cfg.num_experts_per_tok)
+    y = hooks.constrain(y, ACTIVATION_AXES)
+    y, r, counts = hooks.moe_fn(p["moe"], y, cfg.num_experts_per_tok)
+    y = hooks.constrain(y, ACTIVATION_AXES)
     aux = {"counts": counts, "logits": r.logits_NE}
   else:
     y = layers.swiglu(y, p["mlp"]["gate"], p["mlp"]["up"], p["mlp"]["down"])
@@ -39,7 +61,7 @@ def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot:
 
 
 def _decoder(cfg: TextConfig, blocks: list, x: jax.Array, ctx: attention.Context,
-             caches: list | None, scan: bool, remat: bool, moe_fn: moe.MoeFn):
+             caches: list | None, scan: bool, remat: bool, hooks: Hooks):
   """Runs all layers: a scan over groups of `period` layers (or a Python loop when scan=False)."""
   period = len(blocks)
 
@@ -48,7 +70,7 @@ def _decoder(cfg: TextConfig, blocks: list, x: jax.Array, ctx: attention.Context
     hidden, auxes, new_caches = [], [], []
     for s in range(period):
       kv = None if block_caches is None else block_caches[s]
-      x, aux, kv = _block(block_params[s], x, ctx, cfg, s, kv, moe_fn)
+      x, aux, kv = _block(block_params[s], x, ctx, cfg, s, kv, hooks)
       hidden.append(x)
       auxes.append(aux)
       new_caches.append(kv)
@@ -96,13 +118,10 @@ def head(cfg: TextConfig, params: dict, x_BTD: jax.Array) -> jax.Array:
 
 def run(cfg: TextConfig, params: dict, x_BTD: jax.Array, ctx: attention.Context,
         caches: list | None = None, *, scan: bool = True, remat: bool = False,
-        return_hidden: bool = False, moe_fn: moe.MoeFn = moe.moe) -> Output:
-  """Layers + head on embeddings, with a prepared attention context.
-
-  moe_fn computes the MoE sublayer; `sharding/` passes an expert-parallel one.
-  """
+        return_hidden: bool = False, hooks: Hooks = Hooks()) -> Output:
+  """Layers + head on embeddings, with a prepared attention context."""
   x, (hidden, auxes, caches) = _decoder(cfg, params["blocks"], x_BTD, ctx, caches, scan, remat,
-                                        moe_fn)
+                                        hooks)
   n, b, t, d = cfg.num_hidden_layers, *x_BTD.shape
   counts = _ordered_moe_aux(auxes, "counts")
   logits_moe = _ordered_moe_aux(auxes, "logits")
@@ -111,7 +130,8 @@ def run(cfg: TextConfig, params: dict, x_BTD: jax.Array, ctx: attention.Context,
     logits_moe = jnp.zeros((0, b * t, cfg.num_local_experts), jnp.float32)
   # hidden: [G, period, B, T, D] -> [L, B, T, D] in layer order.
   hidden = hidden.reshape(n, b, t, d) if return_hidden else None
-  return Output(head(cfg, params, x), hidden, counts, logits_moe, caches)
+  logits = hooks.constrain(head(cfg, params, x), ("batch", "seq", "vocab"))
+  return Output(logits, hidden, counts, logits_moe, caches)
 
 
 def token_context(cfg: TextConfig, batch: int, length: int, attention_mask=None, positions=None,
@@ -141,13 +161,13 @@ def token_context(cfg: TextConfig, batch: int, length: int, attention_mask=None,
 
 def apply(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None, *,
           positions=None, segment_ids=None, scan: bool = True, remat: bool = False,
-          return_hidden: bool = False, moe_fn: moe.MoeFn = moe.moe) -> Output:
+          return_hidden: bool = False, hooks: Hooks = Hooks()) -> Output:
   """Full forward with every output (see `Output`)."""
   t = cfg.text
   b, length = input_ids.shape
   ctx = token_context(t, b, length, attention_mask, positions, segment_ids)
   return run(t, params, embed_tokens(t, params, input_ids), ctx, scan=scan, remat=remat,
-             return_hidden=return_hidden, moe_fn=moe_fn)
+             return_hidden=return_hidden, hooks=hooks)
 
 
 def forward(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None, *,

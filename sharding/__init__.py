@@ -4,9 +4,11 @@ The model (`llama4_jax`) only names its axes (`l4.param_specs`); this package de
 live. Only this package touches JAX sharding APIs.
 """
 from sharding import expert
+from sharding.activations import constrain_fn, hooks
 from sharding.mesh import AXES, MeshConfig, make_mesh, resolve
 from sharding.rules import (RULES, batch_sharding, param_shardings, partition_specs, spec_for,
                             state_shardings)
 
-__all__ = ["AXES", "expert", "MeshConfig", "RULES", "batch_sharding", "make_mesh", "param_shardings", "partition_specs",
-           "resolve", "spec_for", "state_shardings"]
+__all__ = ["AXES", "MeshConfig", "RULES", "batch_sharding", "constrain_fn", "expert", "hooks",
+           "make_mesh", "param_shardings", "partition_specs", "resolve", "spec_for",
+           "state_shardings"]

@@ -25,6 +25,10 @@ RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "expert": ("expert",),
     "router": (),
+    # activations (the model's `ACTIVATION_AXES`, logits): the batch as above, the residual
+    # stream's width replicated (fsdp shards weights, not activations)
+    "seq": ("context",),
+    "act_embed": (),
 }
 
 

@@ -12,8 +12,6 @@ from jax.sharding import PartitionSpec as P
 
 import llama4_jax as l4
 import sharding as sh
-from llama4_jax import moe
-from sharding import expert
 from train import config as run_config
 
 POD_MESHES = [{"fsdp": 16, "expert": 16}, {"data": 2, "fsdp": 8, "expert": 16},
@@ -71,8 +69,8 @@ CFG = l4.Config(text=dataclasses.replace(l4.presets.tiny().text, num_local_exper
                                          initializer_range=0.125))
 
 
-def _loss(params, ids, moe_fn=moe.moe):
-  out = l4.apply(CFG, params, ids, moe_fn=moe_fn)
+def _loss(params, ids, hooks=l4.Hooks()):
+  out = l4.apply(CFG, params, ids, hooks=hooks)
   logits = out.logits[:, :-1]
   nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, ids[:, 1:, None], -1)[..., 0]
   return jnp.mean(nll), out.expert_counts
@@ -100,8 +98,8 @@ def test_sharded_loss_and_grads_equal_single_device(single_device, mesh_cfg, ep)
   params, ids, loss, counts, grads = single_device
   mesh = sh.make_mesh(sh.MeshConfig(**mesh_cfg))
   param_sh = sh.param_shardings(CFG, mesh)
-  moe_fn = expert.moe_fn(mesh) if ep else moe.moe
-  fn = jax.jit(jax.value_and_grad(partial(_loss, moe_fn=moe_fn), has_aux=True),
+  hooks = sh.hooks(mesh) if ep else l4.Hooks(constrain=sh.constrain_fn(mesh))
+  fn = jax.jit(jax.value_and_grad(partial(_loss, hooks=hooks), has_aux=True),
                in_shardings=(param_sh, sh.batch_sharding(mesh)),
                out_shardings=((None, None), param_sh))  # grads sharded like params, as in training
   (s_loss, s_counts), s_grads = fn(jax.device_put(params, param_sh),
@@ -123,7 +121,7 @@ def test_expert_parallel_drops_nothing_when_every_token_picks_one_expert(single_
   want = jax.jit(lambda p: l4.apply(CFG, p, ids))(skewed)
   mesh = sh.make_mesh(sh.MeshConfig(fsdp=2, expert=4))
   param_sh = sh.param_shardings(CFG, mesh)
-  got = jax.jit(lambda p, i: l4.apply(CFG, p, i, moe_fn=expert.moe_fn(mesh)),
+  got = jax.jit(lambda p, i: l4.apply(CFG, p, i, hooks=sh.hooks(mesh)),
                 in_shardings=(param_sh, sh.batch_sharding(mesh)))(skewed, ids)
   assert np.asarray(got.expert_counts)[:, 0].tolist() == [8 * 24] * 2
   np.testing.assert_array_equal(np.asarray(got.expert_counts), np.asarray(want.expert_counts))

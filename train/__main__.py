@@ -1,4 +1,8 @@
-"""`llama4-train CONFIG.yaml [--set a.b=value ...]`, `llama4-train --report WORKDIR`."""
+"""`llama4-train CONFIG.yaml [--set a.b=value ...]`, `llama4-train --report WORKDIR`.
+
+Multi-host: start one process per host with `--distributed` (SLURM, Open MPI, TPU pods and GKE are
+detected by `jax.distributed`) or with `--coordinator HOST:PORT --num-processes N --process-id I`.
+"""
 import argparse
 import sys
 
@@ -11,6 +15,11 @@ def main(argv=None) -> int:
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="typed override, e.g. --set optim.lr=1e-3 (repeatable)")
   parser.add_argument("--report", metavar="WORKDIR", help="only write WORKDIR/report.png")
+  parser.add_argument("--distributed", action="store_true",
+                      help="jax.distributed.initialize() with the cluster's auto-detection")
+  parser.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+  parser.add_argument("--num-processes", type=int, help="processes (hosts) in the job")
+  parser.add_argument("--process-id", type=int, help="this process's index")
   args = parser.parse_args(argv)
   if args.report:
     from train import report
@@ -23,6 +32,9 @@ def main(argv=None) -> int:
   except (config_lib.ConfigError, FileNotFoundError) as e:
     print(f"llama4-train: {e}", file=sys.stderr)
     return 2
+  if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
+    import jax
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   from train import loop
   record = loop.run(cfg)
   if record:

@@ -4,15 +4,15 @@ The host dispatches step n, then reads step n-1's metrics (already computed), so
 the device. SIGTERM saves a checkpoint and exits cleanly; a restart from the same workdir resumes
 from the latest checkpoint, data iterator included, and recomputes bit-identical steps.
 """
-import dataclasses
 import json
 import signal
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -55,6 +55,44 @@ class _Sigterm:
     self.received = True
 
 
+class Trainer(NamedTuple):
+  """Everything a run compiles against: the mesh, shardings, the loss and the jitted step."""
+  model_cfg: l4.Config
+  mesh: jax.sharding.Mesh
+  batch_sharding: NamedSharding
+  state_shardings: step_lib.TrainState
+  abstract_state: step_lib.TrainState
+  tx: optax.GradientTransformation
+  loss_fn: Callable
+  train_step: Callable
+
+
+def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
+  """Mesh, shardings and the step of `cfg` (errors in the mesh/model pairing raise here, before
+  anything is compiled)."""
+  if cfg.mesh.context != 1:
+    raise ValueError("mesh.context > 1 (sequence parallelism) is not available in this version")
+  mesh = sharding.make_mesh(cfg.mesh)
+  tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps)
+  param_sh = sharding.param_shardings(model_cfg, mesh)
+  abstract = jax.eval_shape(
+      lambda: step_lib.init_state(l4.init_params(model_cfg, jax.random.key(0)), tx))
+  state_sh = step_lib.TrainState(NamedSharding(mesh, P()), param_sh,
+                                 sharding.state_shardings(tx, abstract.opt_state, param_sh, mesh))
+  loss_fn = pretrain.make_loss(model_cfg, jnp.dtype(cfg.model.compute_dtype), cfg.model.remat,
+                               cfg.optim.z_loss, cfg.optim.load_balance, sharding.hooks(mesh))
+  batch_sh = sharding.batch_sharding(mesh)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum), state_sh, batch_sh)
+  return Trainer(model_cfg, mesh, batch_sh, state_sh, abstract, tx, loss_fn, train_step)
+
+
+def initial_state(cfg: RunConfig, t: Trainer) -> step_lib.TrainState:
+  # every leaf placed as the step's outputs will be: otherwise step 1 retraces
+  params = initial_params(cfg, t.model_cfg, t.state_shardings.params)
+  return jax.device_put(step_lib.init_state(params, t.tx), t.state_shardings)
+
+
 def run(cfg: RunConfig) -> dict:
   """Trains per `cfg`; returns the last step's metrics record."""
   workdir = Path(cfg.workdir)
@@ -65,35 +103,20 @@ def run(cfg: RunConfig) -> dict:
   paths = data.resolve_paths(cfg.data, str(workdir))  # a missing file fails before compiling
   data_iter = iter(data.make_dataset(cfg.data, paths, tok, jax.process_index(),
                                      jax.process_count()))
-  if cfg.mesh.context != 1:
-    raise ValueError("mesh.context > 1 (sequence parallelism) is not available in this version")
-  mesh = sharding.make_mesh(cfg.mesh)
-  tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps)
-  replicated, batch_sharding = NamedSharding(mesh, P()), sharding.batch_sharding(mesh)
-  param_sh = sharding.param_shardings(model_cfg, mesh)
-  abstract = jax.eval_shape(
-      lambda: step_lib.init_state(l4.init_params(model_cfg, jax.random.key(0)), tx))
-  state_sh = step_lib.TrainState(
-      replicated, param_sh, sharding.state_shardings(tx, abstract.opt_state, param_sh, mesh))
-  compute_dtype = jnp.dtype(cfg.model.compute_dtype)
-  loss_fn = pretrain.make_loss(model_cfg, compute_dtype, cfg.model.remat, cfg.optim.z_loss,
-                               cfg.optim.load_balance, sharding.expert.moe_fn(mesh))
-  train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum), state_sh, batch_sharding)
-
+  t = build(cfg, model_cfg)
+  mesh, batch_sharding, train_step = t.mesh, t.batch_sharding, t.train_step
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))
   start = ckpt.latest_step() or 0
   if start:  # restored straight into this run's shardings, whatever mesh saved it
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract, state_sh)
+                          t.abstract_state, t.state_shardings)
     state = ckpt.restore(start, target, data_iter)
   else:
-    # every leaf placed as the step's outputs will be: otherwise step 1 retraces
-    state = jax.device_put(step_lib.init_state(initial_params(cfg, model_cfg, param_sh), tx),
-                           state_sh)
+    state = initial_state(cfg, t)
 
   flops_per_token = metrics_lib.train_flops_per_token(model_cfg.text, cfg.data.seq_len)
-  peak, peak_source = metrics_lib.peak_flops(cfg.peak_flops_per_device, compute_dtype)
+  peak, peak_source = metrics_lib.peak_flops(cfg.peak_flops_per_device,
+                                             jnp.dtype(cfg.model.compute_dtype))
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   sinks = metrics_lib.Sinks(workdir, start)
   sigterm = _Sigterm()

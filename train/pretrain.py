@@ -4,19 +4,18 @@ import jax
 import jax.numpy as jnp
 
 import llama4_jax as l4
-from llama4_jax import moe
 from train import losses
 
 
 def make_loss(model_cfg: l4.Config, compute_dtype, remat: bool, z_loss: float,
-              load_balance: float, moe_fn: moe.MoeFn = moe.moe):
+              load_balance: float, hooks: l4.Hooks = l4.Hooks()):
   k = model_cfg.text.num_experts_per_tok
 
   def loss_fn(params, batch):
     # params stay fp32 (optimizer master copy); the forward runs in compute_dtype
     p = jax.tree.map(lambda a: a.astype(compute_dtype), params)
     out = l4.apply(model_cfg, p, batch["tokens"], positions=batch["positions"],
-                   segment_ids=batch["segment_ids"], remat=remat, moe_fn=moe_fn)
+                   segment_ids=batch["segment_ids"], remat=remat, hooks=hooks)
     targets, weights = losses.next_token_targets(batch)
     total, metrics = losses.cross_entropy(out.logits, targets, weights, z_loss)
     n = jnp.sum(weights)

@@ -4,6 +4,7 @@ Each record has `text` (for pretraining), `prompt` and `answer` (for SFT, RL rew
 in the later stages). Generation is deterministic in the seed.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def write_jsonl(path: Path, num_examples: int, max_operand: int, seed: int) -> P
     return path
   rng = np.random.default_rng(seed)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
+  tmp = path.with_suffix(f".{os.getpid()}.tmp")  # hosts sharing a workdir each write their own
   with tmp.open("w") as f:
     for _ in range(num_examples):
       f.write(json.dumps(example(rng, max_operand)) + "\n")

@@ -1,0 +1,24 @@
+"""What the model is given to run on a mesh: activation sharding constraints from the RULES table
+and the expert-parallel MoE (`l4.Hooks`)."""
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+import llama4_jax as l4
+from sharding import expert
+from sharding.rules import spec_for
+
+
+def constrain_fn(mesh: Mesh):
+  """(activation, logical axes) -> the activation constrained to the table's sharding."""
+  mesh_shape = dict(mesh.shape)
+
+  def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    spec = spec_for(f"activation {axes}", x.shape, axes, mesh_shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return constrain
+
+
+def hooks(mesh: Mesh) -> l4.Hooks:
+  """Hooks for `l4.apply` on `mesh`: constraints at block boundaries, around the MoE and on the
+  logits, and expert-parallel dispatch when the expert axis is > 1."""
+  return l4.Hooks(moe_fn=expert.moe_fn(mesh), constrain=constrain_fn(mesh))

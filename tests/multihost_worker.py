@@ -1,0 +1,50 @@
+"""One process of the multi-host test: the tiny model's loss, gradients and one train step on a
+global 8-device mesh, run as 1 process x 8 devices or 2 processes x 4 under `jax.distributed`.
+
+    python multihost_worker.py OUT.npz NUM_PROCESSES PROCESS_ID PORT
+"""
+import os
+import sys
+
+
+def main(out: str, num_processes: int, process_id: int, port: int) -> None:
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // num_processes}"
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  if num_processes > 1:
+    jax.distributed.initialize(f"localhost:{port}", num_processes, process_id)
+  from train import config as config_lib, loop
+  from train_util import TINY
+  assert jax.device_count() == 8 and jax.local_device_count() == 8 // num_processes
+
+  cfg = config_lib.from_dict(config_lib.RunConfig, {
+      **TINY, "workdir": "unused", "mesh": {"data": 2, "fsdp": 2, "expert": 2},
+      "model": {**TINY["model"], "text": {**TINY["model"]["text"], "num_local_experts": 8}}})
+  t = loop.build(cfg, cfg.model.build())
+  state = loop.initial_state(cfg, t)
+  rng = np.random.RandomState(0)
+  shape = (cfg.data.batch_size, cfg.data.seq_len)
+  host = {"tokens": rng.randint(0, 256, shape).astype(np.int32),
+          "segment_ids": np.repeat(np.arange(1, 5, dtype=np.int32), shape[1] // 4)[None].repeat(
+              shape[0], 0),
+          "positions": np.tile(np.arange(shape[1] // 4, dtype=np.int32), 4)[None].repeat(shape[0], 0)}
+  # each process supplies only the rows its own devices hold
+  batch = {k: jax.make_array_from_callback(shape, t.batch_sharding, lambda idx, v=v: v[idx])
+           for k, v in host.items()}
+  (loss, (n, _)), grads = jax.jit(jax.value_and_grad(t.loss_fn, has_aux=True))(state.params, batch)
+  state, metrics = t.train_step(state, batch)
+  gather = lambda tree: multihost_utils.process_allgather(tree, tiled=True)
+  flat = {"loss": loss / n, "step_loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+          "expert_counts": metrics["expert_counts"]}
+  flat |= {f"grad{jax.tree_util.keystr(p)}": g for p, g in jax.tree_util.tree_leaves_with_path(grads)}
+  flat |= {f"param{jax.tree_util.keystr(p)}": v
+           for p, v in jax.tree_util.tree_leaves_with_path(state.params)}
+  flat = gather(flat)
+  if process_id == 0:
+    np.savez(out, **{k: np.asarray(v) for k, v in flat.items()})
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
