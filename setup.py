@@ -26,7 +26,9 @@ setup(
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.9,<4",
     ],
-    entry_points={"console_scripts": ["llama4-train=train.__main__:main"]},
+    package_data={"train.launch": ["*.yaml", "*.sbatch", "*.sh"]},
+    entry_points={"console_scripts": ["llama4-train=train.__main__:main",
+                                      "llama4-launch=train.launch:main"]},
     extras_require={
         # torch 2.13.0 (CPU) comes from a local wheel; any other pin pulls a multi-GB CUDA build.
         "test": [

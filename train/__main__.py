@@ -9,7 +9,7 @@ import sys
 from train import config as config_lib
 
 
-def main(argv=None) -> int:
+def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="llama4-train", description=__doc__)
   parser.add_argument("config", nargs="?", help="YAML recipe (configs/...)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -20,6 +20,11 @@ def main(argv=None) -> int:
   parser.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
   parser.add_argument("--num-processes", type=int, help="processes (hosts) in the job")
   parser.add_argument("--process-id", type=int, help="this process's index")
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = make_parser()
   args = parser.parse_args(argv)
   if args.report:
     from train import report
