@@ -78,14 +78,16 @@ def attend_blocked(q_BTNH, k_BTKH, v_BTKH, mask_BTT, window: int | None, block: 
   Causality bounds keys by the block's end. A chunked layer's query at index i sees only keys of
   its own chunk, and chunks (even restarted per packed document) start at or after i - window + 1,
   so its keys lie in [start - window + 1, end): O(T * window) work instead of O(T^2).
+  Each block is rematerialised: the backward holds one block's scores at a time, not [T, T].
   """
   t = q_BTNH.shape[1]
+  attend_block = jax.checkpoint(attend)
   outs = []
   for start in range(0, t, block):
     end = min(start + block, t)
     lo = 0 if window is None else max(0, start - window + 1)
-    outs.append(attend(q_BTNH[:, start:end], k_BTKH[:, lo:end], v_BTKH[:, lo:end],
-                       mask_BTT[:, start:end, lo:end]))
+    outs.append(attend_block(q_BTNH[:, start:end], k_BTKH[:, lo:end], v_BTKH[:, lo:end],
+                             mask_BTT[:, start:end, lo:end]))
   return jnp.concatenate(outs, axis=1)
 
 

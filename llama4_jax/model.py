@@ -14,11 +14,12 @@ from llama4_jax.config import Config, TextConfig
 
 
 class Output(NamedTuple):
-  logits: jax.Array             # [B, T, V] in the compute dtype
+  logits: jax.Array | None      # [B, T, V] in the compute dtype (None when with_head=False)
   hidden: jax.Array | None      # [L, B, T, D] each layer's output (before the final norm)
   expert_counts: jax.Array      # [L_moe, E] tokens routed to each expert, MoE layers in order
   router_logits: jax.Array      # [L_moe, B*T, E] fp32 raw router logits
   cache: dict | None            # the updated KV cache when one was passed
+  final: jax.Array | None = None  # [B, T, D] the last layer's output, when with_head=False
 
 
 ACTIVATION_AXES = ("batch", "seq", "act_embed")  # logical axes of the residual stream [B, T, D]
@@ -61,23 +62,26 @@ def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot:
 
 
 def _decoder(cfg: TextConfig, blocks: list, x: jax.Array, ctx: attention.Context,
-             caches: list | None, scan: bool, remat: bool, hooks: Hooks):
+             caches: list | None, scan: bool, remat: bool, hooks: Hooks, keep_hidden: bool):
   """Runs all layers: a scan over groups of `period` layers (or a Python loop when scan=False)."""
   period = len(blocks)
+
+  def block(p, x, ctx, kv, slot):
+    return _block(p, x, ctx, cfg, slot, kv, hooks)
+  if remat:  # per layer: the backward holds one layer's intermediates at a time
+    block = jax.checkpoint(block, static_argnums=(4,))
 
   def group(x, xs):
     block_params, block_caches = xs
     hidden, auxes, new_caches = [], [], []
     for s in range(period):
       kv = None if block_caches is None else block_caches[s]
-      x, aux, kv = _block(block_params[s], x, ctx, cfg, s, kv, hooks)
+      x, aux, kv = block(block_params[s], x, ctx, kv, s)
       hidden.append(x)
       auxes.append(aux)
       new_caches.append(kv)
-    return x, (jnp.stack(hidden), auxes, None if block_caches is None else new_caches)
-
-  if remat:
-    group = jax.checkpoint(group)
+    stacked = jnp.stack(hidden) if keep_hidden else None
+    return x, (stacked, auxes, None if block_caches is None else new_caches)
   if scan:
     x, ys = jax.lax.scan(group, x, (blocks, caches))
   else:
@@ -118,10 +122,13 @@ def head(cfg: TextConfig, params: dict, x_BTD: jax.Array) -> jax.Array:
 
 def run(cfg: TextConfig, params: dict, x_BTD: jax.Array, ctx: attention.Context,
         caches: list | None = None, *, scan: bool = True, remat: bool = False,
-        return_hidden: bool = False, hooks: Hooks = Hooks()) -> Output:
-  """Layers + head on embeddings, with a prepared attention context."""
+        return_hidden: bool = False, hooks: Hooks = Hooks(), with_head: bool = True) -> Output:
+  """Layers + head on embeddings, with a prepared attention context.
+
+  with_head=False skips the LM head and returns the last layer's output as `final` (for losses that
+  apply `head` chunk by chunk and never hold [B, T, V] logits)."""
   x, (hidden, auxes, caches) = _decoder(cfg, params["blocks"], x_BTD, ctx, caches, scan, remat,
-                                        hooks)
+                                        hooks, return_hidden)
   n, b, t, d = cfg.num_hidden_layers, *x_BTD.shape
   counts = _ordered_moe_aux(auxes, "counts")
   logits_moe = _ordered_moe_aux(auxes, "logits")
@@ -130,6 +137,8 @@ def run(cfg: TextConfig, params: dict, x_BTD: jax.Array, ctx: attention.Context,
     logits_moe = jnp.zeros((0, b * t, cfg.num_local_experts), jnp.float32)
   # hidden: [G, period, B, T, D] -> [L, B, T, D] in layer order.
   hidden = hidden.reshape(n, b, t, d) if return_hidden else None
+  if not with_head:
+    return Output(None, hidden, counts, logits_moe, caches, x)
   logits = hooks.constrain(head(cfg, params, x), ("batch", "seq", "vocab"))
   return Output(logits, hidden, counts, logits_moe, caches)
 
@@ -161,13 +170,13 @@ def token_context(cfg: TextConfig, batch: int, length: int, attention_mask=None,
 
 def apply(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None, *,
           positions=None, segment_ids=None, scan: bool = True, remat: bool = False,
-          return_hidden: bool = False, hooks: Hooks = Hooks()) -> Output:
+          return_hidden: bool = False, hooks: Hooks = Hooks(), with_head: bool = True) -> Output:
   """Full forward with every output (see `Output`)."""
   t = cfg.text
   b, length = input_ids.shape
   ctx = token_context(t, b, length, attention_mask, positions, segment_ids)
   return run(t, params, embed_tokens(t, params, input_ids), ctx, scan=scan, remat=remat,
-             return_hidden=return_hidden, hooks=hooks)
+             return_hidden=return_hidden, hooks=hooks, with_head=with_head)
 
 
 def forward(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None, *,

@@ -71,8 +71,41 @@ def expert_ffn_ragged(x_MD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.A
 
 
 def expert_ffn(x_MD, group_sizes_E, gate_EDF, up_EDF, down_EFD) -> jax.Array:
+  """SwiGLU experts over rows sorted by expert (rows past sum(group_sizes) give zeros)."""
+  if gate_EDF.shape[0] == 1 and jax.default_backend() == "cpu":
+    # one (local) expert: a plain FFN, rows past its group give zeros (no per-block weight copies)
+    y = layers.swiglu(x_MD, gate_EDF[0], up_EDF[0], down_EFD[0])
+    return jnp.where((jnp.arange(x_MD.shape[0]) < group_sizes_E[0])[:, None], y, 0)
   fn = expert_ffn_blocked if jax.default_backend() == "cpu" else expert_ffn_ragged
   return fn(x_MD, group_sizes_E, gate_EDF, up_EDF, down_EFD)
+
+
+ROW_CHUNK = 8192  # routed rows whose expert FFN work is held at once (forward and backward)
+
+
+def routed_experts(x_ND: jax.Array, token_A: jax.Array, weight_A: jax.Array,
+                   group_sizes_E: jax.Array, p: dict, chunk: int = ROW_CHUNK) -> jax.Array:
+  """sum over assignments a of expert(x[token_a] * weight_a), scattered back to the tokens.
+
+  Assignments are sorted by expert, group_sizes_E of them each (any past their sum give zeros).
+  More than `chunk` assignments run as a rematerialised scan over chunks: only one chunk's
+  gathered rows and [rows, F] intermediates are alive at a time, forward and backward.
+  """
+  a, d = token_A.shape[0], x_ND.shape[1]
+  ffn = lambda tok, w, sizes: expert_ffn(x_ND[tok] * w[:, None], sizes, p["gate"], p["up"],
+                                         p["down"])
+  if a <= chunk or a % chunk:
+    ys_AD = ffn(token_A, weight_A, group_sizes_E)
+  else:
+    ends_E = jnp.cumsum(group_sizes_E)
+    starts_C = jnp.arange(a // chunk)[:, None] * chunk
+    clip = lambda v: jnp.clip(v[None, :], starts_C, starts_C + chunk)
+    sizes_CE = clip(ends_E) - clip(ends_E - group_sizes_E)  # each group's rows in each chunk
+    body = jax.checkpoint(lambda _, xs: (None, ffn(*xs)))
+    _, ys = jax.lax.scan(body, None, (token_A.reshape(-1, chunk), weight_A.reshape(-1, chunk),
+                                      sizes_CE))
+    ys_AD = ys.reshape(a, d)
+  return jnp.zeros_like(x_ND).at[token_A].add(ys_AD)
 
 
 def sort_by_expert(r: Routing, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -95,8 +128,6 @@ def moe(p: dict, x_BTD: jax.Array, k: int) -> tuple[jax.Array, Routing, jax.Arra
   r = route(x_ND, p["router"], k)
   token_A, weight_A, counts_E = sort_by_expert(r, p["router"].shape[-1])
   # The router score scales the expert *input* (Meta and HF), not its output.
-  xs_AD = x_ND[token_A] * weight_A[:, None]
-  ys_AD = expert_ffn(xs_AD, counts_E, p["gate"], p["up"], p["down"])
-  routed_ND = jnp.zeros_like(x_ND).at[token_A].add(ys_AD)
+  routed_ND = routed_experts(x_ND, token_A, weight_A, counts_E, p)
   shared_ND = layers.swiglu(x_ND, p["shared_gate"], p["shared_up"], p["shared_down"])
   return (shared_ND + routed_ND).reshape(b, t, d), r, counts_E

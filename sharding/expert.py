@@ -31,9 +31,7 @@ def _local_moe(p: dict, x_BTD: jax.Array, k: int, num_experts: int, batch_axes: 
   order = jnp.argsort(key, stable=True)
   token = (jnp.arange(key.shape[0], dtype=jnp.int32) // k)[order]
   sizes = jnp.bincount(key, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-  xs = x_all[token] * w_all.reshape(-1)[order][:, None]
-  ys = moe.expert_ffn(xs, sizes, p["gate"], p["up"], p["down"])
-  partial_out = jnp.zeros_like(x_all).at[token].add(ys)
+  partial_out = moe.routed_experts(x_all, token, w_all.reshape(-1)[order], sizes, p)
   routed = jax.lax.psum_scatter(partial_out, "expert", scatter_dimension=0, tiled=True)
   shared = layers.swiglu(x_ND, p["shared_gate"], p["shared_up"], p["shared_down"])
   counts = jnp.bincount(r.experts_NK.reshape(-1), length=num_experts).astype(jnp.int32)

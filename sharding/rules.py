@@ -1,7 +1,8 @@
 """THE table from logical axis names to mesh axes, and the shardings it implies.
 
 Parameters carry logical axes (`l4.param_specs`); RULES maps each to mesh axes. Expert weights
-[E, D, F] land on (expert, fsdp, tensor); the batch is split over (data, fsdp, expert). A mesh
+[E, D, F] land on (expert, fsdp, tensor); other weights shard D over (fsdp, expert), so every
+weight is split over all non-data devices; the batch is split over (data, fsdp, expert). A mesh
 axis of size 1 is dropped from the spec, so one table serves every mesh.
 """
 import math
@@ -17,7 +18,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),
     "layers": (),
     "vocab": ("tensor",),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "expert"),  # expert weights already use `expert` for E: fsdp only there
     "norm": (),
     "q_heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -34,12 +35,14 @@ RULES: dict[str, tuple[str, ...]] = {
 
 def spec_for(name: str, shape: tuple[int, ...], axes: tuple[str, ...],
              mesh_shape: Mapping[str, int]) -> P:
-  """PartitionSpec of one array with logical `axes`; non-dividing sizes are an error."""
-  parts = []
+  """PartitionSpec of one array with logical `axes`; non-dividing sizes are an error. A mesh axis
+  serves the first dimension that asks for it (e.g. `expert` for E, not again for embed)."""
+  parts, used = [], set()
   for dim, logical in zip(shape, axes):
     if logical not in RULES:
       raise ValueError(f"{name}: logical axis {logical!r} has no rule; known: {sorted(RULES)}")
-    mesh_axes = tuple(a for a in RULES[logical] if mesh_shape.get(a, 1) > 1)
+    mesh_axes = tuple(a for a in RULES[logical] if mesh_shape.get(a, 1) > 1 and a not in used)
+    used.update(mesh_axes)
     size = math.prod(mesh_shape[a] for a in mesh_axes)
     if dim % size:
       raise ValueError(f"{name}: axis {logical!r} of size {dim} is not divisible by mesh axes "

@@ -46,6 +46,18 @@ def test_blocked_and_ragged_grouped_matmuls_agree():
   args = (x, sizes, p["gate"], p["up"], p["down"])
   np.testing.assert_allclose(moe.expert_ffn_blocked(*args), moe.expert_ffn_ragged(*args),
                              atol=1e-5, rtol=0)
+  # one expert (every expert on its own device), rows past its group (other devices') give zeros
+  one = (x, jnp.asarray([120]), p["gate"][:1], p["up"][:1], p["down"][:1])
+  np.testing.assert_allclose(moe.expert_ffn(*one), moe.expert_ffn_ragged(*one), atol=1e-5, rtol=0)
+  assert not np.asarray(moe.expert_ffn(*one))[120:].any()
+  # routed assignments in chunks that split groups: values and gradients
+  token = jnp.asarray(np.random.RandomState(0).randint(0, 50, 200))
+  weight = jax.random.uniform(jax.random.key(2), (200,))
+  loss = lambda chunk: lambda x, g: jnp.sum(jnp.sin(moe.routed_experts(
+      x[:50], token, weight, sizes, {**p, "gate": g}, chunk=chunk)))
+  whole = jax.value_and_grad(loss(1024), (0, 1))(x, p["gate"])
+  chunked = jax.value_and_grad(loss(40), (0, 1))(x, p["gate"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), chunked, whole)
 
 
 def test_no_token_dropped_when_every_token_picks_one_expert():

@@ -163,3 +163,22 @@ def test_targets_stay_inside_documents_and_loss_mask():
   assert targets.tolist() == [[6, 7, 8, 9, 0, 0]]
   # 7 -> 8 crosses documents; 9 -> pad is padding; loss_mask drops the target 6
   assert weights.tolist() == [[0, 1, 0, 1, 0, 0]]
+
+
+def test_chunked_cross_entropy_equals_whole_rows():
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(2, 16, 8), jnp.float32)
+  w = jnp.asarray(rng.randn(8, 50), jnp.float32)
+  targets = jnp.asarray(rng.randint(0, 50, (2, 16)))
+  weights = jnp.asarray(rng.rand(2, 16) > 0.3, jnp.float32)
+
+  def loss(x, w, chunk):
+    return losses.chunked_cross_entropy(lambda h: h @ w, x, targets, weights, 1e-3, chunk)[0]
+  whole, whole_grads = jax.value_and_grad(loss, (0, 1))(x, w, 0)
+  want = losses.cross_entropy(x @ w, targets, weights, 1e-3)[0]
+  np.testing.assert_allclose(whole, want, rtol=0, atol=0)
+  for chunk in (4, 8):
+    got, got_grads = jax.value_and_grad(loss, (0, 1))(x, w, chunk)
+    np.testing.assert_allclose(got, whole, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got_grads,
+                 whole_grads)

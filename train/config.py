@@ -27,14 +27,16 @@ class ModelConfig:
   preset: str = "tiny"                      # a function of llama4_jax.presets: tiny, scout, maverick
   text: dict = dataclasses.field(default_factory=dict)  # TextConfig field overrides
   init_from_hf: str | None = None           # HF directory whose weights start the run
-  compute_dtype: str = "float32"            # float32 | bfloat16; params and optimizer stay fp32
-  remat: bool = False
+  compute_dtype: str = "float32"            # float32 | bfloat16: the forward/backward
+  param_dtype: str = "float32"              # float32 | bfloat16: stored params (the optimizer
+  remat: bool = False                       #   state and the update math stay fp32)
 
   def __post_init__(self):
     if self.preset not in PRESETS:
       raise ValueError(f"model.preset={self.preset!r}; valid: {list(PRESETS)}")
-    if self.compute_dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"model.compute_dtype={self.compute_dtype!r}; valid: float32, bfloat16")
+    for key in ("compute_dtype", "param_dtype"):
+      if getattr(self, key) not in ("float32", "bfloat16"):
+        raise ValueError(f"model.{key}={getattr(self, key)!r}; valid: float32, bfloat16")
 
   def build(self) -> l4.Config:
     """The model Config: the preset with `text` overrides checked against TextConfig."""
@@ -77,6 +79,7 @@ class OptimConfig:
   clip_norm: float = 1.0
   grad_accum: int = 1
   z_loss: float = 0.0
+  loss_chunk: int = 0                       # positions per LM-head/CE chunk (0: the whole row)
   load_balance: float = 0.0                 # coefficient of the MoE load-balance loss
 
   def __post_init__(self):

@@ -27,8 +27,8 @@ from train.config import RunConfig, to_dict
 def initial_params(cfg: RunConfig, model_cfg: l4.Config, shardings) -> dict:
   if cfg.model.init_from_hf is None:
     init = jax.jit(l4.init_params, static_argnums=(0, 2), out_shardings=shardings)
-    return init(model_cfg, jax.random.key(cfg.seed), jnp.float32)
-  hf_cfg, params = l4.load_hf(cfg.model.init_from_hf, dtype=jnp.float32)
+    return init(model_cfg, jax.random.key(cfg.seed), jnp.dtype(cfg.model.param_dtype))
+  hf_cfg, params = l4.load_hf(cfg.model.init_from_hf, dtype=jnp.dtype(cfg.model.param_dtype))
   # Compare the canonical HF form: explicit and derived layer patterns are the same model.
   ours, theirs = text_to_hf(model_cfg.text), text_to_hf(hf_cfg.text)
   diff = sorted(k for k in ours if ours[k] != theirs.get(k))
@@ -75,12 +75,14 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
   mesh = sharding.make_mesh(cfg.mesh)
   tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps)
   param_sh = sharding.param_shardings(model_cfg, mesh)
+  param_dtype = jnp.dtype(cfg.model.param_dtype)
   abstract = jax.eval_shape(
-      lambda: step_lib.init_state(l4.init_params(model_cfg, jax.random.key(0)), tx))
+      lambda: step_lib.init_state(l4.init_params(model_cfg, jax.random.key(0), param_dtype), tx))
   state_sh = step_lib.TrainState(NamedSharding(mesh, P()), param_sh,
                                  sharding.state_shardings(tx, abstract.opt_state, param_sh, mesh))
   loss_fn = pretrain.make_loss(model_cfg, jnp.dtype(cfg.model.compute_dtype), cfg.model.remat,
-                               cfg.optim.z_loss, cfg.optim.load_balance, sharding.hooks(mesh))
+                               cfg.optim.z_loss, cfg.optim.load_balance, sharding.hooks(mesh),
+                               cfg.optim.loss_chunk)
   batch_sh = sharding.batch_sharding(mesh)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum), state_sh, batch_sh)

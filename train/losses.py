@@ -31,6 +31,28 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.
   return nll + z, {"nll_sum": nll, "z_sum": z}
 
 
+def chunked_cross_entropy(head_fn, x_BTD: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array,
+                          z_loss: float = 0.0, chunk: int = 0) -> tuple[jax.Array, dict]:
+  """`cross_entropy(head_fn(x), ...)` over chunks of `chunk` positions: each chunk's logits are
+  computed, reduced and (in the backward pass) recomputed, so [B, T, V] is never held at once.
+  chunk=0, or one that does not divide T into several chunks, is one chunk."""
+  b, t, d = x_BTD.shape
+  if chunk <= 0 or chunk >= t or t % chunk:
+    return cross_entropy(head_fn(x_BTD), targets_BT, weights_BT, z_loss)
+  split = lambda a: jnp.swapaxes(a.reshape(b, t // chunk, chunk, *a.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def body(carry, xs):
+    x, targets, weights = xs
+    out = cross_entropy(head_fn(x), targets, weights, z_loss)
+    return jax.tree.map(jnp.add, carry, out), None
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (zero, {"nll_sum": zero, "z_sum": zero})
+  out, _ = jax.lax.scan(body, init, (split(x_BTD), split(targets_BT), split(weights_BT)))
+  return out
+
+
 def load_balance(router_logits_LNE: jax.Array, counts_LE: jax.Array, k: int) -> jax.Array:
   """Switch-style auxiliary loss E * sum_e f_e * P_e, averaged over MoE layers.
 

@@ -23,8 +23,13 @@ class TrainState:
   opt_state: Any
 
 
+def _f32(tree):
+  return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+
+
 def init_state(params, tx) -> TrainState:
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  """Params in their own dtype (fp32 or bf16); the optimizer state is always fp32."""
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(_f32(params)))
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr: optax.Schedule,
@@ -38,17 +43,21 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr: opt
 
     def accumulate(carry, mb):
       (loss, (n, metrics)), grads = grad_fn(state.params, mb)
-      return jax.tree.map(jnp.add, carry, (loss, n, metrics, grads)), None
+      return jax.tree.map(jnp.add, carry, (loss, n, metrics, _f32(grads))), None
 
     first = jax.tree.map(lambda x: x[0], micro)
     (loss, (n, metrics)), grads = grad_fn(state.params, first)
+    grads = _f32(grads)  # accumulated and applied in fp32 whatever the params' dtype
     if grad_accum > 1:
       rest = jax.tree.map(lambda x: x[1:], micro)
       (loss, n, metrics, grads), _ = jax.lax.scan(accumulate, (loss, n, metrics, grads), rest)
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    # the update in fp32, rounded once into the params' dtype (a no-op for fp32 params)
+    params32 = _f32(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, params32)
+    params = jax.tree.map(lambda p, new: new.astype(p.dtype), state.params,
+                          optax.apply_updates(params32, updates))
     out = {"loss": loss / denom, "tokens": n, "grad_norm": optax.tree.norm(grads),
            "lr": lr(state.step)}
     for k, v in metrics.items():

@@ -1,0 +1,98 @@
+"""`llama4-plan CONFIG.yaml --devices N [--set ...]`: per-device memory of a recipe's training step
+on a pod, found on a laptop.
+
+It builds the recipe's real train step (the same `loop.build` a run uses) on N fake CPU devices,
+lowers and compiles it against abstract inputs (nothing is allocated), and prints, per device:
+params and optimizer state from their shardings, and the compiled executable's argument, output
+and temporary bytes. XLA:CPU's buffer assignment stands in for the accelerator's, so temporaries
+are an estimate (no GPU/TPU-specific fusion or rematerialisation).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+GiB = 2**30
+
+
+def _per_device_bytes(abstract_tree, shardings) -> int:
+  """Bytes one device holds: each leaf's shard (the largest, for uneven splits)."""
+  import jax
+  leaves = jax.tree.leaves(abstract_tree)
+  shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  return sum(math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize for a, sh in zip(leaves, shs))
+
+
+def plan(config: str, overrides: tuple[str, ...] = ()) -> dict:
+  """Compiles `config`'s train step on the current (fake) devices; returns the figures."""
+  import jax
+  from train import config as config_lib, loop
+  cfg = config_lib.load(config, overrides)
+  model_cfg = cfg.model.build()
+  t = loop.build(cfg, model_cfg)
+  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                       t.abstract_state, t.state_shardings)
+  shape = (cfg.data.batch_size, cfg.data.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=t.batch_sharding)
+           for k in ("tokens", "segment_ids", "positions")}
+  start = time.perf_counter()
+  compiled = t.train_step.lower(state, batch).compile()
+  mem = compiled.memory_analysis()
+  return {
+      "config": config, "devices": jax.device_count(), "mesh": dict(t.mesh.shape),
+      "params": int(model_cfg.text and sum(math.prod(a.shape) for a in
+                                           jax.tree.leaves(t.abstract_state.params))),
+      "param_dtype": cfg.model.param_dtype, "compute_dtype": cfg.model.compute_dtype,
+      "remat": cfg.model.remat, "batch": shape,
+      "params_bytes": _per_device_bytes(t.abstract_state.params, t.state_shardings.params),
+      "optimizer_bytes": _per_device_bytes(t.abstract_state.opt_state,
+                                           t.state_shardings.opt_state),
+      "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+      "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+      # donated state: outputs reuse the arguments' buffers (alias), counted once
+      "peak_bytes": (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                     - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
+      "compile_s": round(time.perf_counter() - start, 1),
+  }
+
+
+def format_plan(p: dict) -> str:
+  mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items() if v > 1) or "1 device"
+  rows = [("params (sharded)", p["params_bytes"]), ("optimizer state (sharded)", p["optimizer_bytes"]),
+          ("arguments", p["argument_bytes"]), ("outputs (not aliased)", p["output_bytes"] - p["alias_bytes"]),
+          ("temporaries", p["temp_bytes"]), ("peak", p["peak_bytes"])]
+  lines = [f"{p['config']}: {p['params']:,} params on {p['devices']} devices ({mesh}); "
+           f"batch {p['batch'][0]} x {p['batch'][1]}, {p['param_dtype']} params, "
+           f"{p['compute_dtype']} compute, remat {p['remat']}; compiled in {p['compile_s']} s",
+           "per device:"]
+  lines += [f"  {name:<28}{b / GiB:10.2f} GiB" for name, b in rows]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="llama4-plan", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("config", help="YAML recipe, e.g. configs/scout/pretrain.yaml")
+  parser.add_argument("--devices", type=int, required=True, help="simulated device count")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+  args = parser.parse_args(argv)
+  if "jax" in sys.modules:
+    raise RuntimeError("llama4-plan must set the fake device count before jax is imported")
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={args.devices}")
+  from train import config as config_lib
+  try:
+    p = plan(args.config, tuple(args.set))
+  except (ValueError, config_lib.ConfigError, FileNotFoundError) as e:
+    print(f"llama4-plan: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(p) if args.json else format_plan(p))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
