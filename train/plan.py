@@ -42,8 +42,7 @@ def plan(config: str, overrides: tuple[str, ...] = ()) -> dict:
   mem = compiled.memory_analysis()
   return {
       "config": config, "devices": jax.device_count(), "mesh": dict(t.mesh.shape),
-      "params": int(model_cfg.text and sum(math.prod(a.shape) for a in
-                                           jax.tree.leaves(t.abstract_state.params))),
+      "params": sum(math.prod(a.shape) for a in jax.tree.leaves(t.abstract_state.params)),
       "param_dtype": cfg.model.param_dtype, "compute_dtype": cfg.model.compute_dtype,
       "remat": cfg.model.remat, "batch": shape,
       "params_bytes": _per_device_bytes(t.abstract_state.params, t.state_shardings.params),
@@ -60,8 +59,9 @@ def plan(config: str, overrides: tuple[str, ...] = ()) -> dict:
 
 def format_plan(p: dict) -> str:
   mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items() if v > 1) or "1 device"
-  rows = [("params (sharded)", p["params_bytes"]), ("optimizer state (sharded)", p["optimizer_bytes"]),
-          ("arguments", p["argument_bytes"]), ("outputs (not aliased)", p["output_bytes"] - p["alias_bytes"]),
+  rows = [("params (sharded)", p["params_bytes"]),
+          ("optimizer state (sharded)", p["optimizer_bytes"]), ("arguments", p["argument_bytes"]),
+          ("outputs (not aliased)", p["output_bytes"] - p["alias_bytes"]),
           ("temporaries", p["temp_bytes"]), ("peak", p["peak_bytes"])]
   lines = [f"{p['config']}: {p['params']:,} params on {p['devices']} devices ({mesh}); "
            f"batch {p['batch'][0]} x {p['batch'][1]}, {p['param_dtype']} params, "
