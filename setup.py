@@ -29,7 +29,8 @@ setup(
     package_data={"train.launch": ["*.yaml", "*.sbatch", "*.sh"]},
     entry_points={"console_scripts": ["llama4-train=train.__main__:main",
                                       "llama4-launch=train.launch:main",
-                                      "llama4-plan=train.plan:main"]},
+                                      "llama4-plan=train.plan:main",
+                                      "llama4-convert=train.convert:main"]},
     extras_require={
         # torch 2.13.0 (CPU) comes from a local wheel; any other pin pulls a multi-GB CUDA build.
         "test": [

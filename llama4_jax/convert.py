@@ -46,6 +46,13 @@ def _proj_out(path, heads: int) -> tuple:
           lambda w: (w.T.reshape(heads, -1, w.shape[0]),))
 
 
+def _concat_last(g, u):
+  """np.concatenate, or jnp under tracing (jax.eval_shape derives shapes from this table)."""
+  import jax
+  xp = jax.numpy if isinstance(g, jax.core.Tracer) else np
+  return xp.concatenate([g, u], axis=-1)
+
+
 def _same(path) -> tuple:
   return (path,), lambda w: w, lambda w: (w,)
 
@@ -68,7 +75,7 @@ def block_rules(cfg: TextConfig, moe: bool) -> list[Rule]:
       Rule("feed_forward.router.weight", *_linear(("moe", "router"))),
       # [E, D, 2F], in-major: gate is the first F columns, up the last F.
       Rule("feed_forward.experts.gate_up_proj", (("moe", "gate"), ("moe", "up")),
-           lambda g, u: np.concatenate([g, u], axis=-1), lambda w: (w[..., :f], w[..., f:])),
+           _concat_last, lambda w: (w[..., :f], w[..., f:])),
       Rule("feed_forward.experts.down_proj", *_same(("moe", "down"))),
   ] + [Rule(f"feed_forward.shared_expert.{name}_proj.weight", *_linear(("moe", f"shared_{name}")))
        for name in ("gate", "up", "down")]
@@ -94,26 +101,28 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def to_hf_tensors(cfg: Config, params: dict, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
+def to_hf_tensors(cfg: Config, params: dict, prefix: str,
+                  asarray: Callable = np.asarray) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (HF name, array) for the text model, layer by layer."""
   t = cfg.text
   for r in top_rules(t):
-    yield prefix + r.hf, np.asarray(r.to_hf(*(np.asarray(_get(params, p)) for p in r.ours)))
+    yield prefix + r.hf, asarray(r.to_hf(*(asarray(_get(params, p)) for p in r.ours)))
   period = t.period
   for i in range(t.num_hidden_layers):
     block = params["blocks"][i % period]
     for r in block_rules(t, t.is_moe(i)):
-      leaves = (np.asarray(_get(block, p)[i // period]) for p in r.ours)
-      yield f"{prefix}model.layers.{i}.{r.hf}", np.asarray(r.to_hf(*leaves))
+      leaves = (asarray(_get(block, p)[i // period]) for p in r.ours)
+      yield f"{prefix}model.layers.{i}.{r.hf}", asarray(r.to_hf(*leaves))
 
 
 def expected_hf_shapes(cfg: Config, prefix: str) -> dict[str, tuple[int, ...]]:
-  """HF name -> shape for the text model, derived from our param specs through the table."""
+  """HF name -> shape for the text model, derived from our param specs through the table (no
+  array is built)."""
   import jax  # local: only needed here, keeps the table importable without tracing
   from llama4_jax import params as params_lib
   shapes = jax.eval_shape(lambda: params_lib.init_params(cfg, jax.random.key(0)))
-  zeros = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), np.float32), s.shape), shapes)
-  return {name: a.shape for name, a in to_hf_tensors(cfg, zeros, prefix)}
+  hf = jax.eval_shape(lambda p: dict(to_hf_tensors(cfg, p, prefix, lambda a: a)), shapes)
+  return {name: tuple(a.shape) for name, a in hf.items()}
 
 
 def from_hf_tensors(cfg: Config, get: Callable[[str], np.ndarray], prefix: str) -> dict:

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,8 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     raise CheckpointError(f"{file}: cannot read safetensors ({e})") from e
 
 
-def _check(files: dict[str, Path], expected: dict[str, tuple], prefix: str) -> None:
+def _check(files: dict[str, Path], expected: dict[str, tuple], prefix: str) -> dict[str, tuple]:
+  """Every tensor's (dtype, shape), after checking names, shapes and dtypes."""
   headers: dict[str, tuple] = {}
   for file in sorted(set(files.values())):
     headers.update(_header(file))
@@ -85,15 +87,32 @@ def _check(files: dict[str, Path], expected: dict[str, tuple], prefix: str) -> N
       raise CheckpointError(f"tensor {name} has dtype {dtype}; supported: {sorted(DTYPES)}")
     if name in expected and shape != expected[name]:
       raise CheckpointError(f"tensor {name} has shape {shape}, expected {expected[name]}")
+  return headers
+
+
+class HFDir(NamedTuple):
+  """A checked HF directory: nothing read but headers."""
+  cfg: Config
+  config: dict                  # config.json as stored
+  files: dict[str, Path]        # tensor name -> safetensors file
+  prefix: str                   # "language_model." for the multimodal layout, else ""
+  headers: dict[str, tuple]     # tensor name -> (safetensors dtype, shape)
+
+
+def inspect(path) -> HFDir:
+  """Checks a HF Llama 4 directory (config, index, every tensor's name, shape and dtype, file
+  integrity) without reading tensor data; raises CheckpointError naming what is wrong."""
+  path = Path(path)
+  cfg, d = _read_config(path)
+  files = _shard_files(path)
+  prefix = convert.MM_PREFIX if any(n.startswith(convert.MM_PREFIX) for n in files) else ""
+  headers = _check(files, convert.expected_hf_shapes(cfg, prefix), prefix)
+  return HFDir(cfg, d, files, prefix, headers)
 
 
 def load_hf(path, dtype=None) -> tuple[Config, dict]:
   """Reads a HF Llama 4 directory -> (Config, params). dtype None keeps the stored dtype."""
-  path = Path(path)
-  cfg, _ = _read_config(path)
-  files = _shard_files(path)
-  prefix = convert.MM_PREFIX if any(n.startswith(convert.MM_PREFIX) for n in files) else ""
-  _check(files, convert.expected_hf_shapes(cfg, prefix), prefix)
+  cfg, _, files, prefix, _ = inspect(path)
   handles = {}
 
   def get(name: str) -> np.ndarray:
@@ -153,13 +172,13 @@ def save_hf(path, cfg: Config, params: dict, *, max_shard_bytes: int = 5 * 2**30
   try:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     _write_shards(tmp, tensors, max_shard_bytes)
-    _replace_dir(tmp, path)
+    replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
 
 
-def _replace_dir(new: Path, path: Path) -> None:
+def replace_dir(new: Path, path: Path) -> None:
   """Renames `new` to `path`; an existing `path` is removed only once `new` is in place."""
   if not path.exists():
     os.replace(new, path)

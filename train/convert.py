@@ -1,0 +1,279 @@
+"""`llama4-convert hf-to-orbax HF_DIR CKPT_DIR [--dtype bf16]` and
+`llama4-convert orbax-to-hf CKPT HF_DIR`: streaming conversion for models larger than RAM.
+
+One HF tensor, or one layer's row of a stacked (scanned) array, is in memory at a time: stacked
+arrays are zarr arrays chunked by layer row and written/read row by row with tensorstore, and HF
+safetensors files are written tensor by tensor behind a header planned in advance. The name and
+transform of every tensor come from `llama4_jax.convert`'s one table.
+
+CKPT_DIR (hf-to-orbax's output):
+  config.json      the HF config, as stored (orbax-to-hf writes it back)
+  params/          an orbax PyTree checkpoint of exactly `l4.init_params`' tree, restorable onto
+                   any mesh: `model.init_from_checkpoint: CKPT_DIR` in a recipe
+  hf_passthrough/  the multimodal layout's vision tensors, as stored (zarr)
+orbax-to-hf also reads a training checkpoint, `WORKDIR/checkpoints/STEP` (params only; the
+optimizer state is not read). Output appears under its final name only once complete.
+"""
+import argparse
+import json
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+from safetensors import safe_open
+from tqdm import tqdm
+
+import llama4_jax as l4
+from llama4_jax import config as config_lib, convert, hf_io
+
+DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+ST_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
+            np.dtype(np.float16): "F16"}
+ORBAX_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
+
+
+def routes(cfg: l4.TextConfig, prefix: str) -> dict[str, tuple]:
+  """HF name -> (rule, leaf path prefix, stacked row or None), in `save_pretrained` order."""
+  out = {prefix + r.hf: (r, (), None) for r in convert.top_rules(cfg)}
+  for i in range(cfg.num_hidden_layers):
+    for r in convert.block_rules(cfg, cfg.is_moe(i)):
+      out[f"{prefix}model.layers.{i}.{r.hf}"] = (r, ("blocks", i % cfg.period), i // cfg.period)
+  return out
+
+
+def leaf_shapes(cfg: l4.Config, dtype) -> dict[tuple, jax.ShapeDtypeStruct]:
+  """Our leaf path (str keys, int list indices) -> abstract array; nothing allocated."""
+  abstract = jax.eval_shape(lambda: l4.init_params(cfg, jax.random.key(0), dtype))
+  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  return {tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path): leaf
+          for path, leaf in flat}
+
+
+def _name(path: tuple) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def _zarr_dtype(dtype) -> str:
+  dtype = np.dtype(dtype)
+  return "bfloat16" if dtype == ml_dtypes.bfloat16 else dtype.str
+
+
+def _create(path: Path, shape: tuple, dtype, row_chunks: bool) -> ts.TensorStore:
+  chunks = [1, *shape[1:]] if row_chunks else list(shape)
+  return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)},
+                  "metadata": {"shape": list(shape), "chunks": chunks, "dtype": _zarr_dtype(dtype),
+                               "compressor": {"id": "zstd", "level": 1}},
+                  "create": True}).result()
+
+
+def _write_orbax_metadata(item: Path, leaves: dict[tuple, jax.ShapeDtypeStruct]) -> None:
+  """What orbax's StandardCheckpointHandler (zarr, no OCDBT) reads besides the arrays."""
+  tree = {str(tuple(str(p) for p in path)): {
+      "key_metadata": [{"key": str(p), "key_type": 1 if isinstance(p, int) else 2} for p in path],
+      "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
+                         "write_shape": list(leaf.shape)}} for path, leaf in leaves.items()}
+  (item / "_METADATA").write_text(json.dumps({
+      "tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+      "store_array_data_equal_to_fill_value": True, "custom_metadata": None}))
+  now = time.time_ns()
+  (item / "_CHECKPOINT_METADATA").write_text(json.dumps({
+      "item_handlers": ORBAX_HANDLER, "metrics": {}, "performance_metrics": {},
+      "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now, "custom_metadata": {}}))
+
+
+def _text_dtype(d: hf_io.HFDir, dtype):
+  if dtype is not None:
+    return np.dtype(dtype)
+  stored = {d.headers[n][0] for n in routes(d.cfg.text, d.prefix)}
+  if len(stored) > 1:
+    raise hf_io.CheckpointError(f"tensors are stored in {sorted(stored)}; pass --dtype")
+  return np.dtype(hf_io.DTYPES[stored.pop()])
+
+
+def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True) -> Path:
+  """Streams a HF directory into CKPT_DIR (see the module docstring); returns its path."""
+  d = hf_io.inspect(hf_dir)  # every problem is found before anything is written
+  dtype = _text_dtype(d, dtype)
+  out = Path(out_dir)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    leaves = leaf_shapes(d.cfg, dtype)
+    arrays = {p: _create(tmp / "params" / _name(p), s.shape, dtype, p[0] == "blocks")
+              for p, s in leaves.items()}
+    table = routes(d.cfg.text, d.prefix)
+    total = sum(int(np.prod(shape)) * np.dtype(hf_io.DTYPES[dt]).itemsize
+                for dt, shape in d.headers.values())
+    handles = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-orbax", disable=not progress) as bar:
+      for name, file in sorted(d.files.items(), key=lambda kv: (str(kv[1]), kv[0])):
+        handles.setdefault(file, safe_open(file, framework="numpy"))
+        a = handles[file].get_tensor(name)
+        if name in table:
+          rule, base, row = table[name]
+          for path, leaf in zip(rule.ours, rule.from_hf(a)):
+            target = arrays[base + path] if row is None else arrays[base + path][row]
+            target.write(np.asarray(leaf, dtype)).result()
+        else:  # vision tensors of the multimodal layout, kept as stored
+          _create(tmp / "hf_passthrough" / name, a.shape, a.dtype, False).write(a).result()
+        bar.update(a.nbytes)
+        del a
+    _write_orbax_metadata(tmp / "params", leaves)
+    (tmp / "config.json").write_text(json.dumps(d.config, indent=2))
+    hf_io.replace_dir(tmp, out)
+  except BaseException:
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+class _Source:
+  """A params checkpoint to read row by row: CKPT_DIR from hf-to-orbax, or a training step."""
+
+  def __init__(self, path):
+    path = Path(path)
+    if (path / "params" / "_METADATA").is_file() and (path / "config.json").is_file():
+      self.hf_config = json.loads((path / "config.json").read_text())
+      self.cfg, self.item, self.names = config_lib.from_hf(self.hf_config), path / "params", ""
+    elif (path / "state" / "_METADATA").is_file() and (path.parent / "run.json").is_file():
+      from train import config as run_config  # the run's recipe says which model it trained
+      run = run_config.from_dict(run_config.RunConfig, json.loads((path.parent / "run.json").read_text()))
+      self.hf_config, self.cfg = None, run.model.build()
+      self.item, self.names = path / "state", "params."
+    else:
+      raise hf_io.CheckpointError(
+          f"{path} is neither a converted checkpoint (config.json + params/_METADATA) nor a "
+          f"training checkpoint step (state/_METADATA, with run.json beside it)")
+    self.ocdbt = (self.item / "manifest.ocdbt").is_file()
+    self.passthrough = path / "hf_passthrough"
+    self._open = {}
+
+  def leaf(self, path: tuple) -> ts.TensorStore:
+    if path not in self._open:
+      name = self.names + _name(path)
+      kv = ({"driver": "ocdbt", "base": f"file://{self.item.absolute()}", "path": name + "/"}
+            if self.ocdbt else {"driver": "file", "path": str(self.item / name)})
+      try:
+        self._open[path] = ts.open({"driver": "zarr", "kvstore": kv, "open": True}).result()
+      except ValueError as e:
+        raise hf_io.CheckpointError(f"{self.item}: cannot read param {name} ({e})") from e
+    return self._open[path]
+
+  def passthrough_arrays(self) -> dict[str, ts.TensorStore]:
+    if not self.passthrough.is_dir():
+      return {}
+    return {p.name: ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(p)},
+                             "open": True}).result() for p in sorted(self.passthrough.iterdir())}
+
+
+def _safetensors_header(entries: list[tuple[str, tuple, np.dtype]]) -> bytes:
+  header, offset = {}, 0
+  for name, shape, dtype in entries:
+    n = int(np.prod(shape)) * dtype.itemsize
+    header[name] = {"dtype": ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+    offset += n
+  header["__metadata__"] = {"format": "pt"}
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  return struct.pack("<Q", len(raw)) + raw
+
+
+def _plan_shards(entries: list, max_shard_bytes: int) -> list[list]:
+  shards, size = [[]], 0
+  for e in entries:
+    n = int(np.prod(e[1])) * e[2].itemsize
+    if shards[-1] and size + n > max_shard_bytes:
+      shards, size = shards + [[]], 0
+    shards[-1].append(e)
+    size += n
+  return shards
+
+
+def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
+  """Streams a params checkpoint into a HF directory `from_pretrained` loads."""
+  s = _Source(src)
+  table = routes(s.cfg.text, convert.MM_PREFIX if s.passthrough.is_dir() else "")
+  produce = {}  # HF name -> (shape, dtype, function reading it)
+  for name, (rule, base, row) in table.items():
+    stores = [s.leaf(base + p) for p in rule.ours]
+    dtype = np.dtype(stores[0].dtype.numpy_dtype)
+    read = lambda stores=stores, row=row, rule=rule: rule.to_hf(
+        *(np.asarray((st if row is None else st[row]).read().result()) for st in stores))
+    shape = jax.eval_shape(rule.to_hf, *(jax.ShapeDtypeStruct(
+        st.shape if row is None else st.shape[1:], dtype) for st in stores)).shape
+    produce[name] = (shape, dtype, read)
+  for name, st in s.passthrough_arrays().items():
+    produce[name] = (tuple(st.shape), np.dtype(st.dtype.numpy_dtype),
+                     lambda st=st: st.read().result())
+  entries = [(n, shape, dtype) for n, (shape, dtype, _) in produce.items()]
+  text_dtypes = {produce[n][1] for n in table}
+  hf_config = s.hf_config or config_lib.to_hf(
+      s.cfg, dtype=hf_io.DTYPE_NAMES[max(text_dtypes, key=lambda d: d.itemsize)])
+  out = Path(hf_dir)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    _write_hf(tmp, _plan_shards(entries, max_shard_bytes), produce, progress)
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    hf_io.replace_dir(tmp, out)
+  except BaseException:
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def _write_hf(out: Path, shards: list[list], produce: dict, progress: bool) -> None:
+  total = sum(int(np.prod(e[1])) * e[2].itemsize for shard in shards for e in shard)
+  names = ([hf_io.SINGLE] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  with tqdm(total=total, unit="B", unit_scale=True, desc="orbax-to-hf", disable=not progress) as bar:
+    for fname, shard in zip(names, shards):
+      with open(out / fname, "wb") as f:
+        f.write(_safetensors_header(shard))
+        for name, shape, dtype in shard:
+          a = np.ascontiguousarray(produce[name][2]())
+          if a.shape != tuple(shape) or a.dtype != dtype:
+            raise hf_io.CheckpointError(f"{name}: read {a.dtype}{a.shape}, planned {dtype}{shape}")
+          f.write(a.data)
+          bar.update(a.nbytes)
+  if len(shards) > 1:
+    weight_map = {e[0]: fname for fname, shard in zip(names, shards) for e in shard}
+    (out / hf_io.INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                               "weight_map": weight_map}, indent=2))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="llama4-convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  a = sub.add_parser("hf-to-orbax", help="HF directory -> CKPT_DIR")
+  a.add_argument("src")
+  a.add_argument("dst")
+  a.add_argument("--dtype", choices=sorted(DTYPES), help="default: as stored")
+  b = sub.add_parser("orbax-to-hf", help="CKPT_DIR or WORKDIR/checkpoints/STEP -> HF directory")
+  b.add_argument("src")
+  b.add_argument("dst")
+  b.add_argument("--max-shard-gb", type=float, default=5.0)
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "hf-to-orbax":
+      out = hf_to_orbax(args.src, args.dst, DTYPES.get(args.dtype))
+    else:
+      out = orbax_to_hf(args.src, args.dst, int(args.max_shard_gb * 2**30))
+  except (hf_io.CheckpointError, ValueError, OSError) as e:
+    print(f"llama4-convert: {e}", file=sys.stderr)
+    return 2
+  print(out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
