@@ -27,6 +27,7 @@ class ModelConfig:
   preset: str = "tiny"                      # a function of llama4_jax.presets: tiny, scout, maverick
   text: dict = dataclasses.field(default_factory=dict)  # TextConfig field overrides
   init_from_hf: str | None = None           # HF directory whose weights start the run
+  init_from_checkpoint: str | None = None   # or `llama4-convert hf-to-orbax`'s output (streamed)
   compute_dtype: str = "float32"            # float32 | bfloat16: the forward/backward
   param_dtype: str = "float32"              # float32 | bfloat16: stored params (the optimizer
   remat: bool = False                       #   state and the update math stay fp32)
@@ -37,6 +38,8 @@ class ModelConfig:
     for key in ("compute_dtype", "param_dtype"):
       if getattr(self, key) not in ("float32", "bfloat16"):
         raise ValueError(f"model.{key}={getattr(self, key)!r}; valid: float32, bfloat16")
+    if self.init_from_hf is not None and self.init_from_checkpoint is not None:
+      raise ValueError("model.init_from_hf and model.init_from_checkpoint are both set; pick one")
 
   def build(self) -> l4.Config:
     """The model Config: the preset with `text` overrides checked against TextConfig."""

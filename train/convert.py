@@ -215,7 +215,8 @@ def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = 
   entries = [(n, shape, dtype) for n, (shape, dtype, _) in produce.items()]
   text_dtypes = {produce[n][1] for n in table}
   hf_config = s.hf_config or config_lib.to_hf(
-      s.cfg, dtype=hf_io.DTYPE_NAMES[max(text_dtypes, key=lambda d: d.itemsize)])
+      s.cfg, multimodal=s.passthrough.is_dir(),
+      dtype=hf_io.DTYPE_NAMES[max(text_dtypes, key=lambda d: d.itemsize)])
   out = Path(hf_dir)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -242,7 +243,7 @@ def _write_hf(out: Path, shards: list[list], produce: dict, progress: bool) -> N
           a = np.ascontiguousarray(produce[name][2]())
           if a.shape != tuple(shape) or a.dtype != dtype:
             raise hf_io.CheckpointError(f"{name}: read {a.dtype}{a.shape}, planned {dtype}{shape}")
-          f.write(a.data)
+          f.write(a.view(np.uint8).data)  # raw bytes (bf16 has no buffer format)
           bar.update(a.nbytes)
   if len(shards) > 1:
     weight_map = {e[0]: fname for fname, shard in zip(names, shards) for e in shard}

@@ -13,28 +13,42 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 import llama4_jax as l4
-from llama4_jax.config import text_to_hf
+from llama4_jax.config import from_hf, text_to_hf
 from train import checkpoint, data, metrics as metrics_lib, optim, pretrain, step as step_lib
 from train import tokenizer as tokenizer_lib
 import sharding
 from train.config import RunConfig, to_dict
 
 
-def initial_params(cfg: RunConfig, model_cfg: l4.Config, shardings) -> dict:
-  if cfg.model.init_from_hf is None:
-    init = jax.jit(l4.init_params, static_argnums=(0, 2), out_shardings=shardings)
-    return init(model_cfg, jax.random.key(cfg.seed), jnp.dtype(cfg.model.param_dtype))
-  hf_cfg, params = l4.load_hf(cfg.model.init_from_hf, dtype=jnp.dtype(cfg.model.param_dtype))
+def _check_same_model(key: str, source: str, model_cfg: l4.Config, their_cfg: l4.Config) -> None:
   # Compare the canonical HF form: explicit and derived layer patterns are the same model.
-  ours, theirs = text_to_hf(model_cfg.text), text_to_hf(hf_cfg.text)
+  ours, theirs = text_to_hf(model_cfg.text), text_to_hf(their_cfg.text)
   diff = sorted(k for k in ours if ours[k] != theirs.get(k))
   if diff:
-    raise ValueError(f"model.init_from_hf={cfg.model.init_from_hf}: its config differs from the "
-                     f"recipe's model in {diff} (set model.text to match)")
+    raise ValueError(f"model.{key}={source}: its config differs from the recipe's model in "
+                     f"{diff} (set model.text to match)")
+
+
+def initial_params(cfg: RunConfig, model_cfg: l4.Config, shardings) -> dict:
+  dtype = jnp.dtype(cfg.model.param_dtype)
+  if cfg.model.init_from_checkpoint is not None:  # restored shard by shard onto `shardings`
+    path = Path(cfg.model.init_from_checkpoint)
+    hf_config = json.loads((path / "config.json").read_text())
+    _check_same_model("init_from_checkpoint", str(path), model_cfg, from_hf(hf_config))
+    abstract = jax.eval_shape(lambda: l4.init_params(model_cfg, jax.random.key(0), dtype))
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          abstract, shardings)
+    return ocp.StandardCheckpointer().restore((path / "params").absolute(), target)
+  if cfg.model.init_from_hf is None:
+    init = jax.jit(l4.init_params, static_argnums=(0, 2), out_shardings=shardings)
+    return init(model_cfg, jax.random.key(cfg.seed), dtype)
+  hf_cfg, params = l4.load_hf(cfg.model.init_from_hf, dtype=dtype)
+  _check_same_model("init_from_hf", cfg.model.init_from_hf, model_cfg, hf_cfg)
   params.pop(l4.convert.PASSTHROUGH_KEY, None)
   return jax.device_put(params, shardings)
 
