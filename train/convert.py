@@ -110,11 +110,10 @@ def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True) -> Path:
     table = routes(d.cfg.text, d.prefix)
     total = sum(int(np.prod(shape)) * np.dtype(hf_io.DTYPES[dt]).itemsize
                 for dt, shape in d.headers.values())
-    handles = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-orbax", disable=not progress) as bar:
       for name, file in sorted(d.files.items(), key=lambda kv: (str(kv[1]), kv[0])):
-        handles.setdefault(file, safe_open(file, framework="numpy"))
-        a = handles[file].get_tensor(name)
+        with safe_open(file, framework="numpy") as f:  # closed at once: its pages leave RSS
+          a = f.get_tensor(name)
         if name in table:
           rule, base, row = table[name]
           for path, leaf in zip(rule.ours, rule.from_hf(a)):
