@@ -68,7 +68,7 @@ def _create(path: Path, shape: tuple, dtype, row_chunks: bool) -> ts.TensorStore
   chunks = [1, *shape[1:]] if row_chunks else list(shape)
   return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)},
                   "metadata": {"shape": list(shape), "chunks": chunks, "dtype": _zarr_dtype(dtype),
-                               "compressor": {"id": "zstd", "level": 1}},
+                               "compressor": None},  # weights barely compress; speed wins
                   "create": True}).result()
 
 
