@@ -1,5 +1,5 @@
 """Multi-host: 2 processes x 4 fake CPU devices under `jax.distributed` (localhost) compute the same
-loss, gradients and train step as 1 process x 8 devices, each process feeding only its own rows."""
+loss and gradients as 1 process x 8 devices, each process feeding only its own rows."""
 import os
 import socket
 import subprocess
@@ -38,4 +38,3 @@ def test_two_processes_equal_one_process(tmp_path):
   assert one["expert_counts"].sum() == 2 * 8 * 32  # 2 MoE layers, every token of the batch
   for k in one.files:
     np.testing.assert_allclose(two[k], one[k], atol=1e-5, rtol=0, err_msg=k)
-  np.testing.assert_allclose(one["step_loss"], one["loss"], rtol=1e-6)

@@ -7,10 +7,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import transformers
 
 import llama4_jax as l4
-from train import config as config_lib, loop, losses, optim, pretrain, step as step_lib
+from llama4_jax.config import text_to_hf
+from train import config as config_lib, convert, loop, losses, optim, pretrain, step as step_lib
 from train_util import TINY, train_process, write_recipe
 
 
@@ -95,6 +98,18 @@ def test_sigterm_saves_then_resumes_on_a_two_device_mesh(tmp_path, reference_run
   # data parallel sums the batch in another order: equal to float32 rounding, not bitwise
   np.testing.assert_allclose([got[s] for s in range(stopped_at, 12)],
                              [want[s] for s in range(stopped_at, 12)], rtol=2e-5)
+
+
+def test_a_training_checkpoint_exports_to_hf(tmp_path, reference_run):
+  step = reference_run / "checkpoints" / "12"
+  out = convert.orbax_to_hf(step, tmp_path / "hf", progress=False)
+  cfg_back, params = l4.load_hf(out)
+  recipe = config_lib.from_dict(config_lib.RunConfig, TINY).model.build()
+  assert text_to_hf(cfg_back.text) == text_to_hf(recipe.text)
+  trained = ocp.StandardCheckpointer().restore(step / "state")["params"]
+  assert trained["embed"].dtype == np.float32
+  jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, trained))
+  assert transformers.Llama4ForCausalLM.from_pretrained(out).config.num_local_experts == 4
 
 
 def test_initial_params_from_a_hf_checkpoint(tmp_path):
