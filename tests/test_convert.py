@@ -1,4 +1,5 @@
-"""Streaming HF <-> orbax conversion: bit-exact round trips (both layouts, both dtypes), the converted checkpoint restored onto an expert-sharded mesh equal to
+"""Streaming HF <-> orbax conversion: bit-exact round trips (both layouts, both dtypes), the
+converted checkpoint restored onto an expert-sharded mesh equal to
 HF's logits, and bad input."""
 import copy
 import dataclasses

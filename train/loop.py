@@ -109,6 +109,17 @@ def initial_state(cfg: RunConfig, t: Trainer) -> step_lib.TrainState:
   return jax.device_put(step_lib.init_state(params, t.tx), t.state_shardings)
 
 
+def _resume_or_start(cfg: RunConfig, t: Trainer, ckpt, data_iter):
+  """(first step, state): the latest checkpoint of the workdir, or a fresh start."""
+  start = ckpt.latest_step() or 0
+  if not start:
+    return 0, initial_state(cfg, t)
+  # restored straight into this run's shardings, whatever mesh saved it
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        t.abstract_state, t.state_shardings)
+  return start, ckpt.restore(start, target, data_iter)
+
+
 def run(cfg: RunConfig) -> dict:
   """Trains per `cfg`; returns the last step's metrics record."""
   workdir = Path(cfg.workdir)
@@ -122,13 +133,7 @@ def run(cfg: RunConfig) -> dict:
   t = build(cfg, model_cfg)
   mesh, batch_sharding, train_step = t.mesh, t.batch_sharding, t.train_step
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))
-  start = ckpt.latest_step() or 0
-  if start:  # restored straight into this run's shardings, whatever mesh saved it
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          t.abstract_state, t.state_shardings)
-    state = ckpt.restore(start, target, data_iter)
-  else:
-    state = initial_state(cfg, t)
+  start, state = _resume_or_start(cfg, t, ckpt, data_iter)
 
   flops_per_token = metrics_lib.train_flops_per_token(model_cfg.text, cfg.data.seq_len)
   peak, peak_source = metrics_lib.peak_flops(cfg.peak_flops_per_device,
@@ -166,13 +171,10 @@ def run(cfg: RunConfig) -> dict:
       break
   if pending is not None:
     record = flush(pending)
-  final = int(state.step)
-  if ckpt.latest_step() != final:
-    ckpt.save(final, state, data_iter, force=True)
-  ckpt.close()
-  sinks.close()
-  bar.close()
-  data_iter.close()
+  if ckpt.latest_step() != int(state.step):
+    ckpt.save(int(state.step), state, data_iter, force=True)
+  for closable in (ckpt, sinks, bar, data_iter):
+    closable.close()
   if cfg.report and jax.process_index() == 0 and not sigterm.received:
     from train import report
     report.write(workdir)
