@@ -155,6 +155,32 @@ def test_gradient_accumulation_equals_the_full_batch():
                  state.params, outs[0][0].params)
 
 
+def test_bf16_params_keep_fp32_optimizer_state_and_one_rounding_per_step():
+  cfg = config_lib.from_dict(config_lib.RunConfig, TINY)
+  model_cfg = cfg.model.build()
+  tx, lr = optim.make(cfg.optim, model_cfg, 10)
+  loss_fn = pretrain.make_loss(model_cfg, jnp.bfloat16, False, 0.0, 0.0, loss_chunk=8)
+  params16 = l4.init_params(model_cfg, jax.random.key(0), jnp.bfloat16)
+  state = step_lib.init_state(params16, tx)
+  assert {a.dtype for a in jax.tree.leaves(state.opt_state) if a.ndim} == {jnp.dtype(jnp.float32)}
+  rng = np.random.RandomState(0)
+  batch = {"tokens": jnp.asarray(rng.randint(0, 258, (4, 32)), jnp.int32),
+           "segment_ids": jnp.ones((4, 32), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), (4, 32))}
+  step_fn = jax.jit(step_lib.make_train_step(loss_fn, tx, lr))
+  new, m = step_fn(*step_fn(state, batch)[:1], batch)  # step 0 has lr 0 (warmup)
+  assert {a.dtype for a in jax.tree.leaves(new.params)} == {jnp.dtype(jnp.bfloat16)}
+  # the update is applied in fp32 to the fp32 view of the params and rounded once
+  mu = new.opt_state[1][0].mu  # adamw's first moment, fp32
+  assert mu["embed"].dtype == jnp.float32 and float(jnp.abs(mu["embed"]).max()) > 0
+  assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+  # matrices move; norm weights at 1.0 do not: an update below half a bf16 ulp (2**-8) rounds away,
+  # which is why fp32 params are the default
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.params, params16)
+  assert changed["embed"] and changed["blocks"][1]["moe"]["gate"] and changed["lm_head"]
+  assert not changed["final_norm"]
+
+
 def test_schedules():
   o = config_lib.OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="wsd")
   wsd = optim.schedule(o, 100)
