@@ -7,7 +7,8 @@ import sys
 import llama4_jax as l4
 
 ARGS = ["configs/scout/pretrain.yaml", "--devices", "16", "--set", "mesh.fsdp=4", "--set",
-        "mesh.expert=4", "--set", "data.batch_size=16", "--set", "data.seq_len=256"]
+        "mesh.expert=4", "--set", "data.batch_size=16", "--set", "data.seq_len=256",
+        "--set", "model.param_dtype=bfloat16"]  # bf16 params, fp32 optimizer state
 
 
 def _plan(*extra):
