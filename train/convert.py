@@ -16,6 +16,7 @@ optimizer state is not read). Output appears under its final name only once comp
 """
 import argparse
 import json
+import shutil
 import struct
 import sys
 import tempfile
@@ -35,7 +36,8 @@ from llama4_jax import config as config_lib, convert, hf_io
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 ST_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
             np.dtype(np.float16): "F16"}
-ORBAX_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
+ORBAX_HANDLER = ("orbax.checkpoint._src.handlers.standard_checkpoint_handler."
+                 "StandardCheckpointHandler")
 
 
 def routes(cfg: l4.TextConfig, prefix: str) -> dict[str, tuple]:
@@ -110,7 +112,8 @@ def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True) -> Path:
     table = routes(d.cfg.text, d.prefix)
     total = sum(int(np.prod(shape)) * np.dtype(hf_io.DTYPES[dt]).itemsize
                 for dt, shape in d.headers.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-orbax", disable=not progress) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-orbax",
+              disable=not progress) as bar:
       for name, file in sorted(d.files.items(), key=lambda kv: (str(kv[1]), kv[0])):
         with safe_open(file, framework="numpy") as f:  # closed at once: its pages leave RSS
           a = f.get_tensor(name)
@@ -127,7 +130,6 @@ def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True) -> Path:
     (tmp / "config.json").write_text(json.dumps(d.config, indent=2))
     hf_io.replace_dir(tmp, out)
   except BaseException:
-    import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out
@@ -143,7 +145,8 @@ class _Source:
       self.cfg, self.item, self.names = config_lib.from_hf(self.hf_config), path / "params", ""
     elif (path / "state" / "_METADATA").is_file() and (path.parent / "run.json").is_file():
       from train import config as run_config  # the run's recipe says which model it trained
-      run = run_config.from_dict(run_config.RunConfig, json.loads((path.parent / "run.json").read_text()))
+      recipe = json.loads((path.parent / "run.json").read_text())
+      run = run_config.from_dict(run_config.RunConfig, recipe)
       self.hf_config, self.cfg = None, run.model.build()
       self.item, self.names = path / "state", "params."
     else:
@@ -176,7 +179,8 @@ def _safetensors_header(entries: list[tuple[str, tuple, np.dtype]]) -> bytes:
   header, offset = {}, 0
   for name, shape, dtype in entries:
     n = int(np.prod(shape)) * dtype.itemsize
-    header[name] = {"dtype": ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+    header[name] = {"dtype": ST_CODES[dtype], "shape": list(shape),
+                    "data_offsets": [offset, offset + n]}
     offset += n
   header["__metadata__"] = {"format": "pt"}
   raw = json.dumps(header, separators=(",", ":")).encode()
@@ -224,7 +228,6 @@ def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = 
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     hf_io.replace_dir(tmp, out)
   except BaseException:
-    import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out
@@ -234,7 +237,8 @@ def _write_hf(out: Path, shards: list[list], produce: dict, progress: bool) -> N
   total = sum(int(np.prod(e[1])) * e[2].itemsize for shard in shards for e in shard)
   names = ([hf_io.SINGLE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-  with tqdm(total=total, unit="B", unit_scale=True, desc="orbax-to-hf", disable=not progress) as bar:
+  with tqdm(total=total, unit="B", unit_scale=True, desc="orbax-to-hf",
+            disable=not progress) as bar:
     for fname, shard in zip(names, shards):
       with open(out / fname, "wb") as f:
         f.write(_safetensors_header(shard))
