@@ -88,24 +88,25 @@ def routed_experts(x_ND: jax.Array, token_A: jax.Array, weight_A: jax.Array,
   """sum over assignments a of expert(x[token_a] * weight_a), scattered back to the tokens.
 
   Assignments are sorted by expert, group_sizes_E of them each (any past their sum give zeros).
-  More than `chunk` assignments run as a rematerialised scan over chunks: only one chunk's
-  gathered rows and [rows, F] intermediates are alive at a time, forward and backward.
+  More than `chunk` assignments run as a rematerialised scan over chunks (the last one padded with
+  zero-weight rows): only one chunk's gathered rows and [rows, F] intermediates are alive at a
+  time, forward and backward.
   """
   a, d = token_A.shape[0], x_ND.shape[1]
   ffn = lambda tok, w, sizes: expert_ffn(x_ND[tok] * w[:, None], sizes, p["gate"], p["up"],
                                          p["down"])
-  if a <= chunk or a % chunk:
-    ys_AD = ffn(token_A, weight_A, group_sizes_E)
-  else:
-    ends_E = jnp.cumsum(group_sizes_E)
-    starts_C = jnp.arange(a // chunk)[:, None] * chunk
-    clip = lambda v: jnp.clip(v[None, :], starts_C, starts_C + chunk)
-    sizes_CE = clip(ends_E) - clip(ends_E - group_sizes_E)  # each group's rows in each chunk
-    body = jax.checkpoint(lambda _, xs: (None, ffn(*xs)))
-    _, ys = jax.lax.scan(body, None, (token_A.reshape(-1, chunk), weight_A.reshape(-1, chunk),
-                                      sizes_CE))
-    ys_AD = ys.reshape(a, d)
-  return jnp.zeros_like(x_ND).at[token_A].add(ys_AD)
+  if a <= chunk:
+    return jnp.zeros_like(x_ND).at[token_A].add(ffn(token_A, weight_A, group_sizes_E))
+  # Pad to whole chunks: padded rows lie past sum(group_sizes), so they give zeros.
+  token_A, weight_A = (jnp.pad(v, (0, -a % chunk)) for v in (token_A, weight_A))
+  ends_E = jnp.cumsum(group_sizes_E)
+  starts_C = jnp.arange(token_A.shape[0] // chunk)[:, None] * chunk
+  clip = lambda v: jnp.clip(v[None, :], starts_C, starts_C + chunk)
+  sizes_CE = clip(ends_E) - clip(ends_E - group_sizes_E)  # each group's rows in each chunk
+  body = jax.checkpoint(lambda _, xs: (None, ffn(*xs)))
+  _, ys = jax.lax.scan(body, None, (token_A.reshape(-1, chunk), weight_A.reshape(-1, chunk),
+                                    sizes_CE))
+  return jnp.zeros_like(x_ND).at[token_A].add(ys.reshape(-1, d))
 
 
 def sort_by_expert(r: Routing, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:

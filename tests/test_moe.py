@@ -56,8 +56,10 @@ def test_blocked_and_ragged_grouped_matmuls_agree():
   loss = lambda chunk: lambda x, g: jnp.sum(jnp.sin(moe.routed_experts(
       x[:50], token, weight, sizes, {**p, "gate": g}, chunk=chunk)))
   whole = jax.jit(jax.value_and_grad(loss(1024), (0, 1)))(x, p["gate"])
-  chunked = jax.jit(jax.value_and_grad(loss(40), (0, 1)))(x, p["gate"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), chunked, whole)
+  for chunk in (40, 64):  # 200 assignments: whole chunks, and a padded last chunk
+    chunked = jax.jit(jax.value_and_grad(loss(chunk), (0, 1)))(x, p["gate"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), chunked,
+                 whole)
 
 
 def test_no_token_dropped_when_every_token_picks_one_expert():
