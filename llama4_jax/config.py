@@ -129,6 +129,46 @@ class VisionConfig:
   rope_theta: float = 10000.0
   initializer_range: float = 0.02
 
+  def __post_init__(self):
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                 "intermediate_size", "vision_output_dim", "image_size", "patch_size",
+                 "projector_input_dim", "projector_output_dim"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"VisionConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.hidden_size % self.num_attention_heads or (self.head_dim % 4):
+      raise ValueError(f"VisionConfig: hidden_size={self.hidden_size} / num_attention_heads="
+                       f"{self.num_attention_heads} must be a head size divisible by 4 (2-D RoPE)")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"VisionConfig: image_size={self.image_size} is not a multiple of "
+                       f"patch_size={self.patch_size}")
+    if self.pixel_shuffle_ratio != 0.5 or self.grid % 2:
+      raise ValueError(f"VisionConfig: pixel_shuffle_ratio={self.pixel_shuffle_ratio} with a "
+                       f"{self.grid}x{self.grid} patch grid; Llama 4 uses 0.5 on an even grid")
+    # HF's adapter fc1 takes `intermediate_size` inputs (the shuffled width) and fc2 maps
+    # projector_output_dim -> projector_output_dim, so these must agree (as in every release).
+    shuffled = self.hidden_size * 4
+    if self.intermediate_size != shuffled:
+      raise ValueError(f"VisionConfig: intermediate_size={self.intermediate_size} must equal "
+                       f"4 * hidden_size = {shuffled} (the pixel-shuffled width)")
+    if not self.projector_input_dim == self.projector_output_dim == self.vision_output_dim:
+      raise ValueError(f"VisionConfig: projector_input_dim={self.projector_input_dim}, "
+                       f"projector_output_dim={self.projector_output_dim} and vision_output_dim="
+                       f"{self.vision_output_dim} must be equal")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def grid(self) -> int:
+    """Patches per tile side."""
+    return self.image_size // self.patch_size
+
+  @property
+  def tokens_per_tile(self) -> int:
+    """`<|patch|>` tokens (feature rows) per tile after the pixel shuffle."""
+    return self.grid * self.grid // 4
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -216,6 +256,9 @@ def text_to_hf(cfg: TextConfig) -> dict[str, Any]:
 
 
 def vision_from_hf(d: dict[str, Any]) -> VisionConfig:
+  if d.get("hidden_act", "gelu") != "gelu":
+    raise ValueError(f"vision_config.hidden_act={d['hidden_act']!r} is not supported (Llama 4 "
+                     f"uses 'gelu')")
   kw = {f.name: d[f.name] for f in dataclasses.fields(VisionConfig) if f.name in d}
   rp = d.get("rope_parameters") or {}
   kw["rope_theta"] = float(rp.get("rope_theta", d.get("rope_theta", VisionConfig.rope_theta)))
@@ -243,20 +286,20 @@ def from_hf(d: dict[str, Any]) -> Config:
   if model_type != _MM_MODEL_TYPE:
     raise ValueError(f"config.json model_type is {model_type!r}; expected "
                      f"{_TEXT_MODEL_TYPE!r} or {_MM_MODEL_TYPE!r}")
-  vision = d.get("vision_config")
+  if not d.get("vision_config"):
+    raise ValueError(f"config.json has model_type {_MM_MODEL_TYPE!r} but no vision_config")
   return Config(text=text_from_hf(d.get("text_config") or {}),
-                vision=None if vision is None else vision_from_hf(vision),
+                vision=vision_from_hf(d["vision_config"]),
                 **{k: int(d[k]) for k in ("boi_token_index", "eoi_token_index", "image_token_index")
                    if k in d})
 
 
-def to_hf(cfg: Config, *, multimodal: bool, dtype: str) -> dict[str, Any]:
-  """Config -> config.json dict for `Llama4ForConditionalGeneration` or `Llama4ForCausalLM`."""
+def to_hf(cfg: Config, *, dtype: str) -> dict[str, Any]:
+  """Config -> config.json dict: `Llama4ForConditionalGeneration` when cfg has a vision tower,
+  else `Llama4ForCausalLM`."""
   text = text_to_hf(cfg.text)
-  if not multimodal:
-    return {**text, "architectures": ["Llama4ForCausalLM"], "dtype": dtype}
   if cfg.vision is None:
-    raise ValueError("a multimodal config.json needs a vision config; this Config has none")
+    return {**text, "architectures": ["Llama4ForCausalLM"], "dtype": dtype}
   return {"model_type": _MM_MODEL_TYPE, "architectures": ["Llama4ForConditionalGeneration"],
           "dtype": dtype, "text_config": text, "vision_config": vision_to_hf(cfg.vision),
           "boi_token_index": cfg.boi_token_index, "eoi_token_index": cfg.eoi_token_index,

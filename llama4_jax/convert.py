@@ -3,19 +3,18 @@
 Reference: ../shared/reference/llama4_hf_spec.md §3. Both HF layouts are read and written:
 `Llama4ForCausalLM` (`model.*`, `lm_head.weight`) and `Llama4ForConditionalGeneration`
 (`language_model.model.*`, `language_model.lm_head.weight`, plus `vision_model.*` and
-`multi_modal_projector.*`). Transforms are transposes, reshapes and a concat/split of the fused
-expert `gate_up_proj`, so a round trip is bit-exact.
+`multi_modal_projector.*`): the multimodal one exactly when the Config has a vision tower.
+Transforms are transposes, reshapes and a concat/split of the fused expert `gate_up_proj`, so a
+round trip is bit-exact. `routes` lists every HF tensor with its rule and where it lives in our
+tree (stacked arrays: which row); everything else here is built on it.
 """
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from llama4_jax.config import Config, TextConfig
+from llama4_jax.config import Config, TextConfig, VisionConfig
 
-MM_PREFIX = "language_model."
-# Tensors of the multimodal layout that the text model does not use; carried through unchanged.
-PASSTHROUGH_PREFIXES = ("vision_model.", "multi_modal_projector.")
-PASSTHROUGH_KEY = "hf_passthrough"
+MM_PREFIX = "language_model."  # text tensors of the multimodal layout
 
 
 class Rule(NamedTuple):
@@ -89,6 +88,74 @@ def top_rules(cfg: TextConfig) -> list[Rule]:
   return rules
 
 
+def _norm(hf: str, path: tuple[str, ...]) -> list[Rule]:
+  return [Rule(f"{hf}.weight", *_same(path + ("scale",))), Rule(f"{hf}.bias", *_same(path + ("bias",)))]
+
+
+def _head_bias(path, heads: int) -> tuple:
+  """q/k/v bias: HF [heads*H] <-> ours [heads, H]."""
+  return (path,), lambda b: b.reshape(-1), lambda b: (b.reshape(heads, -1),)
+
+
+def vision_rules() -> list[Rule]:
+  """Unstacked tensors of the vision tower, adapter and projector (full HF names)."""
+  v = "vision_model."
+  return [
+      Rule(v + "patch_embedding.linear.weight", *_linear(("vision", "patch"))),
+      Rule(v + "class_embedding", *_same(("vision", "cls"))),
+      Rule(v + "positional_embedding_vlm", *_same(("vision", "pos"))),
+      *_norm(v + "layernorm_pre", ("vision", "ln_pre")),
+      *_norm(v + "layernorm_post", ("vision", "ln_post")),
+      Rule(v + "vision_adapter.mlp.fc1.weight", *_linear(("vision", "adapter", "fc1"))),
+      Rule(v + "vision_adapter.mlp.fc2.weight", *_linear(("vision", "adapter", "fc2"))),
+      Rule("multi_modal_projector.linear_1.weight", *_linear(("projector",))),
+  ]
+
+
+def vision_layer_rules(v: VisionConfig) -> list[Rule]:
+  """One encoder layer (under vision_model.model.layers.{i}.)."""
+  k = v.num_attention_heads
+  rules = [Rule(f"self_attn.{n}_proj.weight", *_proj_in((n,), k)) for n in "qkv"]
+  rules += [Rule(f"self_attn.{n}_proj.bias", *_head_bias((f"{n}_bias",), k)) for n in "qkv"]
+  return rules + [
+      Rule("self_attn.o_proj.weight", *_proj_out(("o",), k)),
+      Rule("self_attn.o_proj.bias", *_same(("o_bias",))),
+      *[Rule(f"mlp.{n}.weight", *_linear((n,))) for n in ("fc1", "fc2")],
+      *[Rule(f"mlp.{n}.bias", *_same((f"{n}_bias",))) for n in ("fc1", "fc2")],
+      *_norm("input_layernorm", ("ln1",)), *_norm("post_attention_layernorm", ("ln2",)),
+  ]
+
+
+class Route(NamedTuple):
+  rule: Rule
+  base: tuple          # our path above the rule's leaves (e.g. ("blocks", slot))
+  row: int | None      # the row of the stacked leaves, None when not stacked
+
+
+def layout_prefix(cfg: Config) -> str:
+  return MM_PREFIX if cfg.vision is not None else ""
+
+
+def routes(cfg: Config) -> dict[str, Route]:
+  """HF name -> Route for every tensor of the model's HF layout, in `save_pretrained` order."""
+  t, prefix = cfg.text, layout_prefix(cfg)
+  out = {}
+  if cfg.vision is not None:
+    for r in vision_rules()[:-1]:
+      out[r.hf] = Route(r, (), None)
+    for i in range(cfg.vision.num_hidden_layers):
+      for r in vision_layer_rules(cfg.vision):
+        out[f"vision_model.model.layers.{i}.{r.hf}"] = Route(r, ("vision", "layers"), i)
+    projector = vision_rules()[-1]
+    out[projector.hf] = Route(projector, (), None)
+  for r in top_rules(t):
+    out[prefix + r.hf] = Route(r, (), None)
+  for i in range(t.num_hidden_layers):
+    for r in block_rules(t, t.is_moe(i)):
+      out[f"{prefix}model.layers.{i}.{r.hf}"] = Route(r, ("blocks", i % t.period), i // t.period)
+  return out
+
+
 def _get(tree, path):
   for p in path:
     tree = tree[p]
@@ -101,49 +168,35 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def to_hf_tensors(cfg: Config, params: dict, prefix: str,
+def to_hf_tensors(cfg: Config, params: dict,
                   asarray: Callable = np.asarray) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (HF name, array) for the text model, layer by layer."""
-  t = cfg.text
-  for r in top_rules(t):
-    yield prefix + r.hf, asarray(r.to_hf(*(asarray(_get(params, p)) for p in r.ours)))
-  period = t.period
-  for i in range(t.num_hidden_layers):
-    block = params["blocks"][i % period]
-    for r in block_rules(t, t.is_moe(i)):
-      leaves = (asarray(_get(block, p)[i // period]) for p in r.ours)
-      yield f"{prefix}model.layers.{i}.{r.hf}", asarray(r.to_hf(*leaves))
+  """Yields (HF name, array), one tensor at a time."""
+  for name, (rule, base, row) in routes(cfg).items():
+    leaves = (_get(params, base + p) for p in rule.ours)
+    leaves = (asarray(a if row is None else a[row]) for a in leaves)
+    yield name, asarray(rule.to_hf(*leaves))
 
 
-def expected_hf_shapes(cfg: Config, prefix: str) -> dict[str, tuple[int, ...]]:
-  """HF name -> shape for the text model, derived from our param specs through the table (no
-  array is built)."""
+def expected_hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+  """HF name -> shape, derived from our param specs through the table (no array is built)."""
   import jax  # local: only needed here, keeps the table importable without tracing
   from llama4_jax import params as params_lib
   shapes = jax.eval_shape(lambda: params_lib.init_params(cfg, jax.random.key(0)))
-  hf = jax.eval_shape(lambda p: dict(to_hf_tensors(cfg, p, prefix, lambda a: a)), shapes)
+  hf = jax.eval_shape(lambda p: dict(to_hf_tensors(cfg, p, lambda a: a)), shapes)
   return {name: tuple(a.shape) for name, a in hf.items()}
 
 
-def from_hf_tensors(cfg: Config, get: Callable[[str], np.ndarray], prefix: str) -> dict:
+def from_hf_tensors(cfg: Config, get: Callable[[str], np.ndarray]) -> dict:
   """Builds our params tree; `get(name)` returns one HF tensor (already checked to exist)."""
-  t = cfg.text
   params: dict = {}
-  for r in top_rules(t):
-    for path, leaf in zip(r.ours, r.from_hf(get(prefix + r.hf))):
-      _set(params, path, leaf)
-  period = t.period
-  per_slot: list[dict] = [{} for _ in range(period)]
-  for i in range(t.num_hidden_layers):
-    for r in block_rules(t, t.is_moe(i)):
-      for path, leaf in zip(r.ours, r.from_hf(get(f"{prefix}model.layers.{i}.{r.hf}"))):
-        _set(per_slot[i % period], path + (i // period,), leaf)
-  params["blocks"] = [_stack_rows(s) for s in per_slot]
+  rows: dict[tuple, dict[int, np.ndarray]] = {}
+  for name, (rule, base, row) in routes(cfg).items():
+    for path, leaf in zip(rule.ours, rule.from_hf(get(name))):
+      if row is None:
+        _set(params, base + path, leaf)
+      else:
+        rows.setdefault(base + path, {})[row] = leaf
+  for path, by_row in rows.items():
+    _set(params, path, np.stack([by_row[i] for i in range(len(by_row))]))
+  params["blocks"] = [params["blocks"][s] for s in range(cfg.text.period)]  # slot dict -> list
   return params
-
-
-def _stack_rows(tree: dict) -> dict | np.ndarray:
-  """{..., leaf: {row: array}} -> {..., leaf: array stacked over rows}."""
-  if isinstance(next(iter(tree.values())), np.ndarray):
-    return np.stack([tree[g] for g in range(len(tree))])
-  return {k: _stack_rows(v) for k, v in tree.items()}

@@ -70,7 +70,7 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     raise CheckpointError(f"{file}: cannot read safetensors ({e})") from e
 
 
-def _check(files: dict[str, Path], expected: dict[str, tuple], prefix: str) -> dict[str, tuple]:
+def _check(files: dict[str, Path], expected: dict[str, tuple]) -> dict[str, tuple]:
   """Every tensor's (dtype, shape), after checking names, shapes and dtypes."""
   headers: dict[str, tuple] = {}
   for file in sorted(set(files.values())):
@@ -78,8 +78,7 @@ def _check(files: dict[str, Path], expected: dict[str, tuple], prefix: str) -> d
   missing = sorted(set(expected) - set(headers))
   if missing:
     raise CheckpointError(f"missing tensor(s): {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-  passthrough = convert.PASSTHROUGH_PREFIXES if prefix else ()
-  unexpected = sorted(n for n in headers if n not in expected and not n.startswith(passthrough))
+  unexpected = sorted(n for n in headers if n not in expected)
   if unexpected:
     raise CheckpointError(f"unexpected tensor(s): {unexpected[:5]}")
   for name, (dtype, shape) in sorted(headers.items()):
@@ -105,8 +104,8 @@ def inspect(path) -> HFDir:
   path = Path(path)
   cfg, d = _read_config(path)
   files = _shard_files(path)
-  prefix = convert.MM_PREFIX if any(n.startswith(convert.MM_PREFIX) for n in files) else ""
-  headers = _check(files, convert.expected_hf_shapes(cfg, prefix), prefix)
+  prefix = convert.layout_prefix(cfg)
+  headers = _check(files, convert.expected_hf_shapes(cfg))
   return HFDir(cfg, d, files, prefix, headers)
 
 
@@ -121,13 +120,9 @@ def load_hf(path, dtype=None) -> tuple[Config, dict]:
       handles[f] = safe_open(f, framework="numpy")
     return handles[f].get_tensor(name)
 
-  params = convert.from_hf_tensors(cfg, get, prefix)
-  passthrough = {n: get(n) for n in files if n.startswith(convert.PASSTHROUGH_PREFIXES)}
+  params = convert.from_hf_tensors(cfg, get)
   cast = (lambda a: jnp.asarray(a)) if dtype is None else (lambda a: jnp.asarray(a, dtype))
-  params = jax.tree.map(cast, params)
-  if prefix:
-    params[convert.PASSTHROUGH_KEY] = {n: cast(a) for n, a in passthrough.items()}
-  return cfg, params
+  return cfg, jax.tree.map(cast, params)
 
 
 def _write_shards(out: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
@@ -153,20 +148,20 @@ def _write_shards(out: Path, tensors: dict[str, np.ndarray], max_shard_bytes: in
 
 
 def save_hf(path, cfg: Config, params: dict, *, max_shard_bytes: int = 5 * 2**30) -> None:
-  """Writes a directory `from_pretrained` loads: the multimodal layout when `params` carry the
-  vision tensors of a multimodal checkpoint, else `Llama4ForCausalLM`'s."""
+  """Writes a directory `from_pretrained` loads: `Llama4ForConditionalGeneration`'s layout when
+  cfg has a vision tower, else `Llama4ForCausalLM`'s."""
   path = Path(path)
-  multimodal = convert.PASSTHROUGH_KEY in params
-  prefix = convert.MM_PREFIX if multimodal else ""
-  tensors = dict(convert.to_hf_tensors(cfg, params, prefix))
-  if multimodal:
-    tensors.update({n: np.asarray(a) for n, a in params[convert.PASSTHROUGH_KEY].items()})
+  multimodal = cfg.vision is not None
+  if multimodal != ("vision" in params):
+    raise CheckpointError(f"cfg.vision is {'set' if multimodal else 'None'} but params "
+                          f"{'lack' if multimodal else 'have'} 'vision'; they must describe one model")
+  tensors = dict(convert.to_hf_tensors(cfg, params))
   dtypes = {a.dtype for a in tensors.values()}
   bad = [d for d in dtypes if d not in DTYPE_NAMES]
   if bad:
     raise CheckpointError(f"cannot save dtype(s) {bad}; supported: {list(DTYPE_NAMES.values())}")
   dtype = DTYPE_NAMES[max(dtypes, key=lambda d: d.itemsize)]
-  hf_config = config_lib.to_hf(cfg, multimodal=multimodal, dtype=dtype)
+  hf_config = config_lib.to_hf(cfg, dtype=dtype)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
   try:

@@ -1,7 +1,8 @@
-"""The Llama 4 text decoder: embeddings, scanned layer groups, final norm, LM head.
+"""The Llama 4 decoder: embeddings (+ image features, `vision.py`), scanned layer groups, final
+norm, LM head.
 
 Reference: transformers `modeling_llama4.py` (Llama4TextModel, Llama4TextDecoderLayer,
-Llama4ForCausalLM). Pure functions of (config, params pytree, token ids).
+Llama4ForCausalLM, Llama4ForConditionalGeneration). Pure functions of (config, params pytree, token ids).
 """
 from typing import Callable, NamedTuple
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama4_jax import attention, layers, moe
+from llama4_jax import attention, layers, moe, vision
 from llama4_jax.config import Config, TextConfig
 
 
@@ -168,19 +169,27 @@ def token_context(cfg: TextConfig, batch: int, length: int, attention_mask=None,
                                 jnp.asarray(positions, jnp.int32), inv_freq)
 
 
-def apply(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None, *,
-          positions=None, segment_ids=None, scan: bool = True, remat: bool = False,
-          return_hidden: bool = False, hooks: Hooks = Hooks(), with_head: bool = True) -> Output:
-  """Full forward with every output (see `Output`)."""
+def apply(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None,
+          pixel_values=None, *, positions=None, segment_ids=None, scan: bool = True,
+          remat: bool = False, return_hidden: bool = False, hooks: Hooks = Hooks(),
+          with_head: bool = True) -> Output:
+  """Full forward with every output (see `Output`). pixel_values [N, C, S, S]: the tiles of every
+  image in the batch in order; their features fill the `image_token_index` positions (early
+  fusion, as `Llama4ForConditionalGeneration`)."""
   t = cfg.text
   b, length = input_ids.shape
   ctx = token_context(t, b, length, attention_mask, positions, segment_ids)
-  return run(t, params, embed_tokens(t, params, input_ids), ctx, scan=scan, remat=remat,
-             return_hidden=return_hidden, hooks=hooks, with_head=with_head)
+  x = embed_tokens(t, params, input_ids)
+  if pixel_values is not None:
+    _, rows = vision.image_features(cfg, params, pixel_values, remat=remat)
+    x = vision.merge(x, input_ids, rows, cfg.image_token_index)
+  return run(t, params, x, ctx, scan=scan, remat=remat, return_hidden=return_hidden, hooks=hooks,
+             with_head=with_head)
 
 
-def forward(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None, *,
-            positions=None, segment_ids=None, scan: bool = True, remat: bool = False) -> jax.Array:
-  """Logits [B, T, V] of `Llama4ForCausalLM` for token ids [B, T]."""
-  return apply(cfg, params, input_ids, attention_mask, positions=positions,
+def forward(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None,
+            pixel_values=None, *, positions=None, segment_ids=None, scan: bool = True,
+            remat: bool = False) -> jax.Array:
+  """Logits [B, T, V] for token ids [B, T] (and image tiles, for a multimodal model)."""
+  return apply(cfg, params, input_ids, attention_mask, pixel_values, positions=positions,
                segment_ids=segment_ids, scan=scan, remat=remat).logits

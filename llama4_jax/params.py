@@ -5,7 +5,8 @@ of the repeating pattern (`TextConfig.period`), each leaf carrying a leading `la
 length num_hidden_layers / period. Layer i lives in slot i % period, row i // period.
 
 Logical axis names (mapped to mesh axes by `sharding/`): layers, vocab, embed, norm, q_heads,
-kv_heads, head_dim, mlp, expert, router.
+kv_heads, head_dim, mlp, expert, router; the vision tower's vision_patch, vision_embed, vision_pos,
+vision_heads, vision_mlp, vision_proj and bias (norms, biases and the CLS embedding are not decayed).
 """
 import math
 from typing import Callable, NamedTuple
@@ -13,7 +14,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from llama4_jax.config import Config, TextConfig
+from llama4_jax.config import Config, TextConfig, VisionConfig
 
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -31,6 +32,11 @@ def _normal(std: float) -> Init:
 def _ones(key, shape, dtype):
   del key
   return jnp.ones(shape, dtype)
+
+
+def _zeros(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
 
 
 def is_spec(x) -> bool:
@@ -70,8 +76,45 @@ def _block_specs(cfg: TextConfig, slot: int, groups: int) -> dict:
   return block
 
 
+def _vision_specs(v: VisionConfig) -> dict:
+  """The vision tower and adapter (HF `vision_model.*`); encoder layers stacked for a scan."""
+  d, f, k, h, n = (v.hidden_size, v.intermediate_size, v.num_attention_heads, v.head_dim,
+                   v.num_hidden_layers)
+  w, emb = _normal(v.initializer_range), _normal(d ** -0.5)
+
+  def norm(*lead):
+    axes = ("layers",) if lead else ()
+    return {"scale": ParamSpec((*lead, d), (*axes, "norm"), _ones),
+            "bias": ParamSpec((*lead, d), (*axes, "norm"), _zeros)}
+
+  def stacked(shape, axes, init=w):
+    return ParamSpec((n, *shape), ("layers", *axes), init)
+
+  qkv = {name: stacked((d, k, h), ("vision_embed", "vision_heads", "head_dim")) for name in "qkv"}
+  qkv_bias = {f"{name}_bias": stacked((k, h), ("vision_heads", "bias"), _zeros) for name in "qkv"}
+  return {
+      "patch": ParamSpec((v.num_channels * v.patch_size ** 2, d), ("vision_patch", "vision_embed"), w),
+      "cls": ParamSpec((d,), ("norm",), emb),
+      "pos": ParamSpec((v.grid ** 2 + 1, d), ("vision_pos", "vision_embed"), emb),
+      "ln_pre": norm(), "ln_post": norm(),
+      "layers": {
+          "ln1": norm(n), "ln2": norm(n), **qkv, **qkv_bias,
+          "o": stacked((k, h, d), ("vision_heads", "head_dim", "vision_embed")),
+          "o_bias": stacked((d,), ("bias",), _zeros),
+          "fc1": stacked((d, f), ("vision_embed", "vision_mlp")),
+          "fc1_bias": stacked((f,), ("bias",), _zeros),
+          "fc2": stacked((f, d), ("vision_mlp", "vision_embed")),
+          "fc2_bias": stacked((d,), ("bias",), _zeros),
+      },
+      "adapter": {
+          "fc1": ParamSpec((f, v.projector_input_dim), ("vision_mlp", "vision_proj"), w),
+          "fc2": ParamSpec((v.projector_output_dim,) * 2, ("vision_proj", "vision_proj"), w),
+      },
+  }
+
+
 def param_specs(cfg: Config) -> dict:
-  """The tree of ParamSpec for the text model."""
+  """The tree of ParamSpec: the text model, plus `vision` and `projector` when cfg.vision is set."""
   t = cfg.text
   p = t.period
   groups = t.num_hidden_layers // p
@@ -83,6 +126,10 @@ def param_specs(cfg: Config) -> dict:
   }
   if not t.tie_word_embeddings:
     specs["lm_head"] = ParamSpec((t.hidden_size, t.vocab_size), ("embed", "vocab"), w)
+  if cfg.vision is not None:
+    specs["vision"] = _vision_specs(cfg.vision)
+    specs["projector"] = ParamSpec((cfg.vision.vision_output_dim, t.hidden_size),
+                                   ("vision_proj", "embed"), w)
   return specs
 
 

@@ -6,12 +6,13 @@ QK norm and RoPE scaling.
 """
 import dataclasses
 
-from llama4_jax.config import Config, Llama3Scaling, TextConfig
+from llama4_jax.config import Config, Llama3Scaling, TextConfig, VisionConfig
 
 
 def scout() -> Config:
-  """Llama 4 Scout 17B-16E: 16 experts in every layer, QK norm, llama3 RoPE 16/1/1/8192."""
-  return Config(text=TextConfig())
+  """Llama 4 Scout 17B-16E: 16 experts in every layer, QK norm, llama3 RoPE 16/1/1/8192; with the
+  released vision tower (`Llama4ForConditionalGeneration`)."""
+  return Config(text=TextConfig(), vision=VisionConfig())
 
 
 def maverick() -> Config:
@@ -19,7 +20,7 @@ def maverick() -> Config:
   text = dataclasses.replace(TextConfig(), num_local_experts=128, interleave_moe_layer_step=2,
                              use_qk_norm=False, rope_scaling=None,
                              max_position_embeddings=1048576)
-  return Config(text=text)
+  return Config(text=text, vision=VisionConfig())
 
 
 def tiny() -> Config:
@@ -38,3 +39,16 @@ def tiny() -> Config:
       floor_scale=4, attn_scale=0.1, max_position_embeddings=512,
       bos_token_id=1, eos_token_id=(2,), pad_token_id=0)
   return Config(text=text)
+
+
+def tiny_vision() -> VisionConfig:
+  """2 layers, width 32, 56 px tiles of 4x4 patches: 4 `<|patch|>` tokens per tile."""
+  return VisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=128, vision_output_dim=48, image_size=56, patch_size=14,
+                      projector_input_dim=48, projector_output_dim=48)
+
+
+def tiny_multimodal() -> Config:
+  """`tiny()` with `tiny_vision()`; image tokens (start, end, patch) at the top of its 256 ids."""
+  return Config(text=tiny().text, vision=tiny_vision(), boi_token_index=248,
+                eoi_token_index=249, image_token_index=250)

@@ -8,9 +8,9 @@ transform of every tensor come from `llama4_jax.convert`'s one table.
 
 CKPT_DIR (hf-to-orbax's output):
   config.json      the HF config, as stored (orbax-to-hf writes it back)
-  params/          an orbax PyTree checkpoint of exactly `l4.init_params`' tree, restorable onto
-                   any mesh: `model.init_from_checkpoint: CKPT_DIR` in a recipe
-  hf_passthrough/  the multimodal layout's vision tensors, as stored (zarr)
+  params/          an orbax PyTree checkpoint of exactly `l4.init_params`' tree (vision tower
+                   included for a multimodal model), restorable onto any mesh:
+                   `model.init_from_checkpoint: CKPT_DIR` in a recipe
 orbax-to-hf also reads a training checkpoint, `WORKDIR/checkpoints/STEP` (params only; the
 optimizer state is not read). Output appears under its final name only once complete.
 """
@@ -38,15 +38,6 @@ ST_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
             np.dtype(np.float16): "F16"}
 ORBAX_HANDLER = ("orbax.checkpoint._src.handlers.standard_checkpoint_handler."
                  "StandardCheckpointHandler")
-
-
-def routes(cfg: l4.TextConfig, prefix: str) -> dict[str, tuple]:
-  """HF name -> (rule, leaf path prefix, stacked row or None), in `save_pretrained` order."""
-  out = {prefix + r.hf: (r, (), None) for r in convert.top_rules(cfg)}
-  for i in range(cfg.num_hidden_layers):
-    for r in convert.block_rules(cfg, cfg.is_moe(i)):
-      out[f"{prefix}model.layers.{i}.{r.hf}"] = (r, ("blocks", i % cfg.period), i // cfg.period)
-  return out
 
 
 def leaf_shapes(cfg: l4.Config, dtype) -> dict[tuple, jax.ShapeDtypeStruct]:
@@ -92,7 +83,7 @@ def _write_orbax_metadata(item: Path, leaves: dict[tuple, jax.ShapeDtypeStruct])
 def _text_dtype(d: hf_io.HFDir, dtype):
   if dtype is not None:
     return np.dtype(dtype)
-  stored = {d.headers[n][0] for n in routes(d.cfg.text, d.prefix)}
+  stored = {d.headers[n][0] for n in d.headers}
   if len(stored) > 1:
     raise hf_io.CheckpointError(f"tensors are stored in {sorted(stored)}; pass --dtype")
   return np.dtype(hf_io.DTYPES[stored.pop()])
@@ -107,9 +98,11 @@ def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True) -> Path:
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
   try:
     leaves = leaf_shapes(d.cfg, dtype)
-    arrays = {p: _create(tmp / "params" / _name(p), s.shape, dtype, p[0] == "blocks")
+    stacked = {base + p for rule, base, row in convert.routes(d.cfg).values() if row is not None
+               for p in rule.ours}
+    arrays = {p: _create(tmp / "params" / _name(p), s.shape, dtype, p in stacked)
               for p, s in leaves.items()}
-    table = routes(d.cfg.text, d.prefix)
+    table = convert.routes(d.cfg)
     total = sum(int(np.prod(shape)) * np.dtype(hf_io.DTYPES[dt]).itemsize
                 for dt, shape in d.headers.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-orbax",
@@ -117,13 +110,10 @@ def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True) -> Path:
       for name, file in sorted(d.files.items(), key=lambda kv: (str(kv[1]), kv[0])):
         with safe_open(file, framework="numpy") as f:  # closed at once: its pages leave RSS
           a = f.get_tensor(name)
-        if name in table:
-          rule, base, row = table[name]
-          for path, leaf in zip(rule.ours, rule.from_hf(a)):
-            target = arrays[base + path] if row is None else arrays[base + path][row]
-            target.write(np.asarray(leaf, dtype)).result()
-        else:  # vision tensors of the multimodal layout, kept as stored
-          _create(tmp / "hf_passthrough" / name, a.shape, a.dtype, False).write(a).result()
+        rule, base, row = table[name]
+        for path, leaf in zip(rule.ours, rule.from_hf(a)):
+          target = arrays[base + path] if row is None else arrays[base + path][row]
+          target.write(np.asarray(leaf, dtype)).result()
         bar.update(a.nbytes)
         del a
     _write_orbax_metadata(tmp / "params", leaves)
@@ -154,7 +144,6 @@ class _Source:
           f"{path} is neither a converted checkpoint (config.json + params/_METADATA) nor a "
           f"training checkpoint step (state/_METADATA, with run.json beside it)")
     self.ocdbt = (self.item / "manifest.ocdbt").is_file()
-    self.passthrough = path / "hf_passthrough"
     self._open = {}
 
   def leaf(self, path: tuple) -> ts.TensorStore:
@@ -168,11 +157,6 @@ class _Source:
         raise hf_io.CheckpointError(f"{self.item}: cannot read param {name} ({e})") from e
     return self._open[path]
 
-  def passthrough_arrays(self) -> dict[str, ts.TensorStore]:
-    if not self.passthrough.is_dir():
-      return {}
-    return {p.name: ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(p)},
-                             "open": True}).result() for p in sorted(self.passthrough.iterdir())}
 
 
 def _safetensors_header(entries: list[tuple[str, tuple, np.dtype]]) -> bytes:
@@ -202,7 +186,7 @@ def _plan_shards(entries: list, max_shard_bytes: int) -> list[list]:
 def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
   """Streams a params checkpoint into a HF directory `from_pretrained` loads."""
   s = _Source(src)
-  table = routes(s.cfg.text, convert.MM_PREFIX if s.passthrough.is_dir() else "")
+  table = convert.routes(s.cfg)
   produce = {}  # HF name -> (shape, dtype, function reading it)
   for name, (rule, base, row) in table.items():
     stores = [s.leaf(base + p) for p in rule.ours]
@@ -212,14 +196,10 @@ def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = 
     shape = jax.eval_shape(rule.to_hf, *(jax.ShapeDtypeStruct(
         st.shape if row is None else st.shape[1:], dtype) for st in stores)).shape
     produce[name] = (shape, dtype, read)
-  for name, st in s.passthrough_arrays().items():
-    produce[name] = (tuple(st.shape), np.dtype(st.dtype.numpy_dtype),
-                     lambda st=st: st.read().result())
   entries = [(n, shape, dtype) for n, (shape, dtype, _) in produce.items()]
-  text_dtypes = {produce[n][1] for n in table}
+  dtypes = {dtype for _, dtype, _ in produce.values()}
   hf_config = s.hf_config or config_lib.to_hf(
-      s.cfg, multimodal=s.passthrough.is_dir(),
-      dtype=hf_io.DTYPE_NAMES[max(text_dtypes, key=lambda d: d.itemsize)])
+      s.cfg, dtype=hf_io.DTYPE_NAMES[max(dtypes, key=lambda d: d.itemsize)])
   out = Path(hf_dir)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

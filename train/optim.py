@@ -23,8 +23,8 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(model_cfg: l4.Config) -> dict:
-  """True for leaves that get weight decay: every matrix, not the norm scales."""
-  return jax.tree.map(lambda s: "norm" not in s.axes, l4.param_specs(model_cfg),
+  """True for leaves that get weight decay: every matrix, not norms, biases or the CLS embedding."""
+  return jax.tree.map(lambda s: not {"norm", "bias"} & set(s.axes), l4.param_specs(model_cfg),
                       is_leaf=l4.is_spec)
 
 
