@@ -35,7 +35,7 @@ def synthetic_config(layers: int) -> l4.Config:
 def write_hf(path: Path, cfg: l4.Config, shard_bytes: int = 1 << 30) -> tuple[int, int]:
   """Random fp32 tensors, one shard in memory at a time. Returns (total bytes, largest tensor)."""
   path.mkdir(parents=True)
-  shapes = convert.expected_hf_shapes(cfg, "")
+  shapes = convert.expected_hf_shapes(cfg)
   rng = np.random.default_rng(0)
   shard, size, weight_map, files = {}, 0, {}, []
 
@@ -56,7 +56,7 @@ def write_hf(path: Path, cfg: l4.Config, shard_bytes: int = 1 << 30) -> tuple[in
   total = sum(int(np.prod(s)) * 4 for s in shapes.values())
   (path / "model.safetensors.index.json").write_text(
       json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-  (path / "config.json").write_text(json.dumps(config_lib.to_hf(cfg, multimodal=False,
+  (path / "config.json").write_text(json.dumps(config_lib.to_hf(cfg,
                                                                 dtype="float32")))
   return total, max(int(np.prod(s)) * 4 for s in shapes.values())
 

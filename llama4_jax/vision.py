@@ -139,3 +139,17 @@ def merge(embeds_BTD: jax.Array, input_ids: jax.Array, rows_MD: jax.Array,
   out = jnp.where(flat[:, None], rows, embeds_BTD.reshape(-1, embeds_BTD.shape[-1]))
   out = out + jnp.where(jnp.sum(flat) == m, 0.0, jnp.nan).astype(out.dtype)
   return out.reshape(embeds_BTD.shape)
+
+
+def merge_rows(embeds_BTD: jax.Array, input_ids: jax.Array, rows_BMD: jax.Array,
+               image_token: int) -> jax.Array:
+  """Per-row early fusion for training batches: the k-th `image_token` position of row b takes
+  rows_BMD[b, k]. Rows may carry unused trailing feature rows (zero tiles padding a row to a fixed
+  tile count); a row with more image-token positions than feature rows reads NaN there."""
+  mask_BT = input_ids == image_token
+  idx_BT = jnp.where(mask_BT, jnp.cumsum(mask_BT, axis=1) - 1, 0)
+  m = rows_BMD.shape[1]
+  rows_BTD = jnp.take_along_axis(rows_BMD.astype(embeds_BTD.dtype),
+                                 jnp.minimum(idx_BT, m - 1)[..., None], axis=1)
+  rows_BTD = jnp.where((idx_BT < m)[..., None], rows_BTD, jnp.nan)
+  return jnp.where(mask_BT[..., None], rows_BTD, embeds_BTD)

@@ -26,6 +26,14 @@ RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "expert": ("expert",),
     "router": (),
+    # the vision tower (~0.9B params): widths over fsdp, MLP/heads over expert x tensor
+    "vision_patch": (),
+    "vision_pos": (),
+    "vision_embed": ("fsdp",),
+    "vision_heads": ("tensor",),
+    "vision_mlp": ("expert", "tensor"),
+    "vision_proj": ("fsdp", "expert"),
+    "bias": (),
     # activations (the model's `ACTIVATION_AXES`, logits): the batch as above, the residual
     # stream's width replicated (fsdp shards weights, not activations)
     "seq": ("context",),

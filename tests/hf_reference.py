@@ -54,13 +54,24 @@ def causal_lm(text: l4.TextConfig, seed: int = 0) -> transformers.Llama4ForCausa
   return model
 
 
-def multimodal(text: l4.TextConfig, seed: int = 0) -> transformers.Llama4ForConditionalGeneration:
-  """A fp32 `Llama4ForConditionalGeneration` with a tiny vision tower around the same text model."""
-  vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": 128, "image_size": 56, "patch_size": 14,
-            "pixel_shuffle_ratio": 0.5, "projector_input_dim": 48, "projector_output_dim": 48,
-            "vision_output_dim": 48}
-  hf_cfg = transformers.Llama4Config(text_config=config_lib.text_to_hf(text), vision_config=vision,
+# Two vision towers for the parity tests: 4x4 patches per 56 px tile (4 tokens per tile), and 2x2
+# patches per 28 px tile (1 token) with head size 12, 3 layers and another RoPE theta.
+VISION_VARIANTS = {
+    "v56": l4.presets.tiny_vision(),
+    "v28": l4.VisionConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                           intermediate_size=192, vision_output_dim=40, image_size=28,
+                           patch_size=14, projector_input_dim=40, projector_output_dim=40,
+                           rope_theta=5000.0),
+}
+
+
+def multimodal(text: l4.TextConfig, seed: int = 0,
+               vision: l4.VisionConfig = l4.presets.tiny_vision()
+               ) -> transformers.Llama4ForConditionalGeneration:
+  """A fp32 `Llama4ForConditionalGeneration`: a tiny vision tower around the text model; image
+  tokens are ids 248 (start), 249 (end), 250 (patch) as in `presets.tiny_multimodal`."""
+  hf_cfg = transformers.Llama4Config(text_config=config_lib.text_to_hf(text),
+                                     vision_config=config_lib.vision_to_hf(vision),
                                      image_token_index=250, boi_token_index=248,
                                      eoi_token_index=249)
   hf_cfg._attn_implementation = "eager"

@@ -124,8 +124,11 @@ def test_out_of_vocab_ids_are_rejected(params):
 
 def test_param_counts_of_released_models():
   # HF's own count on the meta device (the seeds' 109.7B counts the embedding twice).
-  assert l4.param_count(l4.presets.scout()) == 107_769_861_120
-  assert l4.param_count(l4.presets.maverick()) == 400_711_848_960
+  scout, maverick = l4.presets.scout(), l4.presets.maverick()
+  assert l4.param_count(scout) == 108_641_793_536  # with the vision tower and projector
+  assert l4.param_count(maverick) == 401_583_781_376
+  assert l4.param_count(scout.text) == 107_769_861_120  # Llama4ForCausalLM
+  assert l4.param_count(maverick.text) == 400_711_848_960
 
 
 @pytest.mark.parametrize("window", [None, 24])

@@ -39,6 +39,11 @@ def test_golden_rules_for_released_models(preset, mesh_shape):
       ("layers", "q_heads", "head_dim", "embed"): (None, "tensor", None, fe),
       ("layers", "embed", "router"): (None, fe, None),
       ("layers", "norm"): (None, None),
+      # vision tower: widths over fsdp, heads over tensor, MLP over expert x tensor
+      ("layers", "vision_embed", "vision_heads", "head_dim"): (None, "fsdp", "tensor", None),
+      ("layers", "vision_embed", "vision_mlp"): (None, "fsdp", ("expert", "tensor")),
+      ("vision_mlp", "vision_proj"): (("expert", "tensor"), "fsdp"),
+      ("vision_proj", "embed"): (fe, None),
   }
 
   def present(entry):  # mesh axes of size 1 drop out of a spec

@@ -15,7 +15,8 @@ import yaml
 import llama4_jax as l4
 from sharding.mesh import MeshConfig
 
-PRESETS = {"tiny": l4.presets.tiny, "scout": l4.presets.scout, "maverick": l4.presets.maverick}
+PRESETS = {"tiny": l4.presets.tiny, "tiny_multimodal": l4.presets.tiny_multimodal,
+           "scout": l4.presets.scout, "maverick": l4.presets.maverick}
 
 
 class ConfigError(ValueError):
@@ -31,6 +32,9 @@ class ModelConfig:
   compute_dtype: str = "float32"            # float32 | bfloat16: the forward/backward
   param_dtype: str = "float32"              # float32 | bfloat16: stored params (the optimizer
   remat: bool = False                       #   state and the update math stay fp32)
+  multimodal: bool = False                  # keep the preset's vision tower (early fusion)
+  freeze_vision: bool = False               # multimodal: the vision tower + adapter get no updates
+  freeze_projector: bool = False            # multimodal: nor does the projector
 
   def __post_init__(self):
     if self.preset not in PRESETS:
@@ -40,12 +44,22 @@ class ModelConfig:
         raise ValueError(f"model.{key}={getattr(self, key)!r}; valid: float32, bfloat16")
     if self.init_from_hf is not None and self.init_from_checkpoint is not None:
       raise ValueError("model.init_from_hf and model.init_from_checkpoint are both set; pick one")
+    if (self.freeze_vision or self.freeze_projector) and not self.multimodal:
+      raise ValueError("model.freeze_vision/freeze_projector need model.multimodal: true")
+    if self.multimodal and PRESETS[self.preset]().vision is None:
+      raise ValueError(f"model.preset={self.preset!r} has no vision tower; multimodal presets: "
+                       f"{[k for k, f in PRESETS.items() if f().vision is not None]}")
 
   def build(self) -> l4.Config:
-    """The model Config: the preset with `text` overrides checked against TextConfig."""
+    """The model Config: the preset with `text` overrides checked against TextConfig; the vision
+    tower only when `multimodal`."""
     base = PRESETS[self.preset]()
     text = from_dict(l4.TextConfig, {**_fields(base.text), **self.text}, "model.text")
-    return dataclasses.replace(base, text=text)
+    return dataclasses.replace(base, text=text, vision=base.vision if self.multimodal else None)
+
+  def frozen(self) -> tuple[str, ...]:
+    """Top-level param keys that are not trained."""
+    return (("vision",) if self.freeze_vision else ()) + (("projector",) if self.freeze_projector else ())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,11 @@ def initial_params(cfg: RunConfig, model_cfg: l4.Config, shardings) -> dict:
     return init(model_cfg, jax.random.key(cfg.seed), dtype)
   hf_cfg, params = l4.load_hf(cfg.model.init_from_hf, dtype=dtype)
   _check_same_model("init_from_hf", cfg.model.init_from_hf, model_cfg, hf_cfg)
-  params.pop(l4.convert.PASSTHROUGH_KEY, None)
+  if model_cfg.vision is None:  # text-only training from a multimodal checkpoint
+    params.pop("vision", None)
+    params.pop("projector", None)
+  elif "vision" not in params:
+    raise ValueError(f"model.multimodal is true but {cfg.model.init_from_hf} has no vision tower")
   return jax.device_put(params, shardings)
 
 
@@ -87,7 +91,7 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
   if cfg.mesh.context != 1:
     raise ValueError("mesh.context > 1 (sequence parallelism) is not available in this version")
   mesh = sharding.make_mesh(cfg.mesh)
-  tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps)
+  tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps, cfg.model.frozen())
   param_sh = sharding.param_shardings(model_cfg, mesh)
   param_dtype = jnp.dtype(cfg.model.param_dtype)
   abstract = jax.eval_shape(
@@ -96,7 +100,7 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
                                  sharding.state_shardings(tx, abstract.opt_state, param_sh, mesh))
   loss_fn = pretrain.make_loss(model_cfg, jnp.dtype(cfg.model.compute_dtype), cfg.model.remat,
                                cfg.optim.z_loss, cfg.optim.load_balance, sharding.hooks(mesh),
-                               cfg.optim.loss_chunk)
+                               cfg.optim.loss_chunk, cfg.model.frozen())
   batch_sh = sharding.batch_sharding(mesh)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum), state_sh, batch_sh)

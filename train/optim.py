@@ -22,17 +22,30 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
       [cfg.warmup_steps, cfg.warmup_steps + stable])
 
 
-def decay_mask(model_cfg: l4.Config) -> dict:
-  """True for leaves that get weight decay: every matrix, not norms, biases or the CLS embedding."""
-  return jax.tree.map(lambda s: not {"norm", "bias"} & set(s.axes), l4.param_specs(model_cfg),
-                      is_leaf=l4.is_spec)
+def decay_mask(model_cfg: l4.Config, frozen: tuple[str, ...] = ()) -> dict:
+  """True for leaves that get weight decay: every trained matrix, not norms, biases, the CLS
+  embedding or anything under a frozen top-level key."""
+  specs = l4.param_specs(model_cfg)
+  return {k: jax.tree.map(lambda s: k not in frozen and not {"norm", "bias"} & set(s.axes), v,
+                          is_leaf=l4.is_spec) for k, v in specs.items()}
 
 
-def make(cfg: OptimConfig, model_cfg: l4.Config, total_steps: int):
-  """(optax transformation, lr schedule)."""
+def frozen_mask(model_cfg: l4.Config, frozen: tuple[str, ...]) -> dict:
+  return {k: jax.tree.map(lambda _: k in frozen, v, is_leaf=l4.is_spec)
+          for k, v in l4.param_specs(model_cfg).items()}
+
+
+def make(cfg: OptimConfig, model_cfg: l4.Config, total_steps: int, frozen: tuple[str, ...] = ()):
+  """(optax transformation, lr schedule). Params under the `frozen` top-level keys keep their
+  values bit for bit: their gradients are zeroed before clipping (so they do not count in the
+  norm), their Adam moments stay 0 (an update of exactly 0) and they get no weight decay."""
+  for k in frozen:
+    if k not in l4.param_specs(model_cfg):
+      raise ValueError(f"cannot freeze {k!r}: the model has no such params")
   lr = schedule(cfg, total_steps)
   tx = optax.chain(
+      optax.masked(optax.set_to_zero(), frozen_mask(model_cfg, frozen)),
       optax.clip_by_global_norm(cfg.clip_norm),
       optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                  mask=decay_mask(model_cfg)))
+                  mask=decay_mask(model_cfg, frozen)))
   return tx, lr
