@@ -23,9 +23,10 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32) -> dict
 
 
 def extend(cfg: Config, params: dict, cache: dict, input_ids: jax.Array, attention_mask=None,
-           positions=None) -> tuple[jax.Array, dict]:
+           positions=None, pixel_values=None) -> tuple[jax.Array, dict]:
   """Appends tokens [B, T] to the cache; returns their logits [B, T, V] and the new cache.
 
+  pixel_values: the tiles of the images whose `<|patch|>` tokens are among these (a prefill).
   attention_mask (1/0 for these tokens, prefill only) defaults to continuing each row's sequence.
   positions default to the previous position + 1 (starting at 0), like HF without position_ids.
   """
@@ -49,7 +50,7 @@ def extend(cfg: Config, params: dict, cache: dict, input_ids: jax.Array, attenti
   inv_freq = layers.rope_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling)
   ctx = attention.make_context(t, q_idx, k_idx, seg_new, seg_k, chunk_q, chunk_k,
                                jnp.broadcast_to(q_idx, (b, n)), positions, inv_freq, offset)
-  out = model.run(t, params, model.embed_tokens(t, params, input_ids), ctx, cache["kv"])
+  out = model.run(t, params, model.embed(cfg, params, input_ids, pixel_values), ctx, cache["kv"])
   new_cache = {"kv": out.cache, "seg": seg_k, "length": offset + n,
                "next_pos": positions[:, -1] + 1}
   return out.logits, new_cache

@@ -115,6 +115,17 @@ def embed_tokens(cfg: TextConfig, params: dict, input_ids: jax.Array) -> jax.Arr
   return jnp.take(params["embed"], input_ids, axis=0, mode="fill", fill_value=jnp.nan)
 
 
+def embed(cfg: Config, params: dict, input_ids: jax.Array, pixel_values=None, *,
+          remat: bool = False) -> jax.Array:
+  """Token embeddings, with the image features of `pixel_values` [N, C, S, S] (every image's tiles
+  in order) in the `image_token_index` positions."""
+  x = embed_tokens(cfg.text, params, input_ids)
+  if pixel_values is None:
+    return x
+  _, rows = vision.image_features(cfg, params, pixel_values, remat=remat)
+  return vision.merge(x, input_ids, rows, cfg.image_token_index)
+
+
 def head(cfg: TextConfig, params: dict, x_BTD: jax.Array) -> jax.Array:
   x = layers.rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps)
   w_DV = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
@@ -179,10 +190,7 @@ def apply(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None,
   t = cfg.text
   b, length = input_ids.shape
   ctx = token_context(t, b, length, attention_mask, positions, segment_ids)
-  x = embed_tokens(t, params, input_ids)
-  if pixel_values is not None:
-    _, rows = vision.image_features(cfg, params, pixel_values, remat=remat)
-    x = vision.merge(x, input_ids, rows, cfg.image_token_index)
+  x = embed(cfg, params, input_ids, pixel_values, remat=remat)
   return run(t, params, x, ctx, scan=scan, remat=remat, return_hidden=return_hidden, hooks=hooks,
              with_head=with_head)
 

@@ -49,6 +49,10 @@ def tiny_vision() -> VisionConfig:
 
 
 def tiny_multimodal() -> Config:
-  """`tiny()` with `tiny_vision()`; image tokens (start, end, patch) at the top of its 256 ids."""
-  return Config(text=tiny().text, vision=tiny_vision(), boi_token_index=248,
-                eoi_token_index=249, image_token_index=250)
+  """`tiny()` with `tiny_vision()`, and token ids of the training byte tokenizer with image tokens
+  (train/tokenizer.py): bytes, 6 text specials (bos 256, eos 257, pad 258), image start 262,
+  end 263 and patch 267."""
+  text = dataclasses.replace(tiny().text, vocab_size=272, bos_token_id=256, eos_token_id=(257,),
+                             pad_token_id=258)
+  return Config(text=text, vision=tiny_vision(), boi_token_index=262, eoi_token_index=263,
+                image_token_index=267)

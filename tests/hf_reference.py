@@ -69,7 +69,7 @@ def multimodal(text: l4.TextConfig, seed: int = 0,
                vision: l4.VisionConfig = l4.presets.tiny_vision()
                ) -> transformers.Llama4ForConditionalGeneration:
   """A fp32 `Llama4ForConditionalGeneration`: a tiny vision tower around the text model; image
-  tokens are ids 248 (start), 249 (end), 250 (patch) as in `presets.tiny_multimodal`."""
+  tokens are ids 248 (start), 249 (end), 250 (patch: image_token_index)."""
   hf_cfg = transformers.Llama4Config(text_config=config_lib.text_to_hf(text),
                                      vision_config=config_lib.vision_to_hf(vision),
                                      image_token_index=250, boi_token_index=248,

@@ -35,6 +35,8 @@ class ModelConfig:
   multimodal: bool = False                  # keep the preset's vision tower (early fusion)
   freeze_vision: bool = False               # multimodal: the vision tower + adapter get no updates
   freeze_projector: bool = False            # multimodal: nor does the projector
+  freeze_text: bool = False                 # multimodal: nor does the language model (aligning
+                                            #   a vision tower to a frozen LLM, as Meta did)
 
   def __post_init__(self):
     if self.preset not in PRESETS:
@@ -44,8 +46,8 @@ class ModelConfig:
         raise ValueError(f"model.{key}={getattr(self, key)!r}; valid: float32, bfloat16")
     if self.init_from_hf is not None and self.init_from_checkpoint is not None:
       raise ValueError("model.init_from_hf and model.init_from_checkpoint are both set; pick one")
-    if (self.freeze_vision or self.freeze_projector) and not self.multimodal:
-      raise ValueError("model.freeze_vision/freeze_projector need model.multimodal: true")
+    if (self.freeze_vision or self.freeze_projector or self.freeze_text) and not self.multimodal:
+      raise ValueError("model.freeze_vision/freeze_projector/freeze_text need model.multimodal: true")
     if self.multimodal and PRESETS[self.preset]().vision is None:
       raise ValueError(f"model.preset={self.preset!r} has no vision tower; multimodal presets: "
                        f"{[k for k, f in PRESETS.items() if f().vision is not None]}")
@@ -59,7 +61,9 @@ class ModelConfig:
 
   def frozen(self) -> tuple[str, ...]:
     """Top-level param keys that are not trained."""
-    return (("vision",) if self.freeze_vision else ()) + (("projector",) if self.freeze_projector else ())
+    text = ("embed", "blocks", "final_norm", "lm_head") if self.freeze_text else ()
+    return (("vision",) if self.freeze_vision else ()) + (
+        ("projector",) if self.freeze_projector else ()) + text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,13 @@ class SyntheticConfig:
   """The embedded arithmetic task (train/tasks.py), written into the workdir."""
   num_examples: int = 50000
   max_operand: int = 999
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticImagesConfig:
+  """The embedded multimodal task (train/tasks.py `write_colors`), written into the workdir."""
+  num_examples: int = 2000
   seed: int = 0
 
 
@@ -80,6 +91,16 @@ class DataConfig:
   batch_size: int = 16                      # global batch, in packed rows
   seed: int = 0
   packing_bins: int = 16
+  # multimodal models (model.multimodal): JSONL records {"text": "...<|image|>...", "images":
+  # [paths relative to the file]}, one record per row (no packing), tiles padded per row
+  synthetic_images: SyntheticImagesConfig | None = None  # the embedded colour task instead
+  image_tiles: int = 16                     # most tiles per image (the processor's max_tiles)
+  row_tiles: int = 17                       # tiles per row: 16 + a global tile = one full image
+
+  def __post_init__(self):
+    if self.image_tiles < 1 or self.row_tiles < 1:
+      raise ValueError(f"data.image_tiles={self.image_tiles} and data.row_tiles={self.row_tiles} "
+                       f"must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import llama4_jax as l4
 from llama4_jax.config import from_hf, text_to_hf
-from train import checkpoint, data, metrics as metrics_lib, optim, pretrain, step as step_lib
+from train import checkpoint, data, metrics as metrics_lib, mmdata, optim, pretrain, step as step_lib
 from train import tokenizer as tokenizer_lib
 import sharding
 from train.config import RunConfig, to_dict
@@ -61,6 +61,24 @@ def _check_vocab(tok, model_cfg: l4.Config) -> None:
   if tok.get_vocab_size() > model_cfg.text.vocab_size:
     raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens but model.text.vocab_size is "
                      f"{model_cfg.text.vocab_size}")
+  if model_cfg.vision is not None:
+    patch = tokenizer_lib.image_tokens(tok).patch
+    if patch != model_cfg.image_token_index:
+      raise ValueError(f"the tokenizer's <|patch|> is id {patch} but the model's "
+                       f"image_token_index is {model_cfg.image_token_index}")
+
+
+def _data(cfg: RunConfig, model_cfg: l4.Config, workdir: Path):
+  """The data iterator of this host (text, or image-text for a multimodal model); every input
+  problem is raised here, before anything compiles."""
+  tok = tokenizer_lib.load(cfg.data.tokenizer, image_tokens=model_cfg.vision is not None)
+  _check_vocab(tok, model_cfg)
+  host = (jax.process_index(), jax.process_count())
+  if model_cfg.vision is not None:
+    paths = mmdata.resolve_paths(cfg.data, str(workdir))
+    return iter(mmdata.make_dataset(cfg.data, paths, tok, model_cfg.vision, *host))
+  paths = data.resolve_paths(cfg.data, str(workdir))
+  return iter(data.make_dataset(cfg.data, paths, tok, *host))
 
 
 class _Sigterm:
@@ -129,11 +147,7 @@ def run(cfg: RunConfig) -> dict:
   workdir = Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   model_cfg = cfg.model.build()
-  tok = tokenizer_lib.load(cfg.data.tokenizer)
-  _check_vocab(tok, model_cfg)
-  paths = data.resolve_paths(cfg.data, str(workdir))  # a missing file fails before compiling
-  data_iter = iter(data.make_dataset(cfg.data, paths, tok, jax.process_index(),
-                                     jax.process_count()))
+  data_iter = _data(cfg, model_cfg, workdir)
   t = build(cfg, model_cfg)
   mesh, batch_sharding, train_step = t.mesh, t.batch_sharding, t.train_step
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))

@@ -40,7 +40,7 @@ def make(cfg: OptimConfig, model_cfg: l4.Config, total_steps: int, frozen: tuple
   values bit for bit: their gradients are zeroed before clipping (so they do not count in the
   norm), their Adam moments stay 0 (an update of exactly 0) and they get no weight decay."""
   for k in frozen:
-    if k not in l4.param_specs(model_cfg):
+    if k not in l4.param_specs(model_cfg) and k != "lm_head":  # lm_head: absent when tied
       raise ValueError(f"cannot freeze {k!r}: the model has no such params")
   lr = schedule(cfg, total_steps)
   tx = optax.chain(

@@ -37,6 +37,11 @@ def plan(config: str, overrides: tuple[str, ...] = ()) -> dict:
   shape = (cfg.data.batch_size, cfg.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=t.batch_sharding)
            for k in ("tokens", "segment_ids", "positions")}
+  if model_cfg.vision is not None:  # mmdata's rows: a loss mask and each row's padded tiles
+    s = model_cfg.vision.image_size
+    batch["loss_mask"] = batch["tokens"]
+    batch["pixel_values"] = jax.ShapeDtypeStruct((*shape[:1], cfg.data.row_tiles, 3, s, s),
+                                                 jax.numpy.bfloat16, sharding=t.batch_sharding)
   start = time.perf_counter()
   compiled = t.train_step.lower(state, batch).compile()
   mem = compiled.memory_analysis()

@@ -9,20 +9,26 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|header_start|>",
            "<|header_end|>", "<|eot|>")
 BYTE_VOCAB_SIZE = 264  # 256 bytes + 6 special tokens, rounded up to a multiple of 8
+# Llama 4's image tokens (ImageTokens' fields in order); the multimodal byte tokenizer has them
+# after SPECIAL, so `presets.tiny_multimodal()` ids 262..267 match it.
+IMAGE_SPECIAL = ("<|image_start|>", "<|image_end|>", "<|tile_x_separator|>",
+                 "<|tile_y_separator|>", "<|image|>", "<|patch|>")
 
 
-def byte_tokenizer() -> Tokenizer:
+def byte_tokenizer(image_tokens: bool = False) -> Tokenizer:
   alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
   tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
   tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens(list(SPECIAL))
+  tok.add_special_tokens(list(SPECIAL) + (list(IMAGE_SPECIAL) if image_tokens else []))
   return tok
 
 
-def load(path: str | None) -> Tokenizer:
+def load(path: str | None, image_tokens: bool = False) -> Tokenizer:
+  """`path`'s tokenizer.json, or the byte tokenizer (with Llama 4's image tokens when
+  `image_tokens`; a tokenizer.json must have them itself)."""
   if path is None:
-    return byte_tokenizer()
+    return byte_tokenizer(image_tokens)
   try:
     return Tokenizer.from_file(str(path))
   except Exception as e:  # tokenizers raises a bare Exception for unreadable files
@@ -34,3 +40,9 @@ def special_id(tok: Tokenizer, token: str) -> int:
   if i is None:
     raise ValueError(f"tokenizer has no {token!r} token")
   return i
+
+
+def image_tokens(tok: Tokenizer):
+  """The tokenizer's ids of Llama 4's image tokens, as `processor.ImageTokens`."""
+  from llama4_jax.processor import ImageTokens
+  return ImageTokens(*(special_id(tok, t) for t in IMAGE_SPECIAL))
