@@ -50,7 +50,8 @@ def test_row_holds_expanded_prompt_tiles_and_loss_mask(tmp_path):
 def test_long_record_is_cut_before_an_image_that_does_not_fit(tmp_path):
   path = _write(tmp_path, [{"text": "ab<|image|>" + "x" * 5 + "<|image|>z",
                             "images": ["im1.png", "im0.png"]}])
-  row = _encoder(seq_len=24)(mmdata.read_records(path)[0])
+  with pytest.warns(UserWarning, match=r"mm\.jsonl:1: 34 tokens cut to data\.seq_len=24"):
+    row = _encoder(seq_len=24)(mmdata.read_records(path)[0])
   # bos a b [image: 1 tile = 7 tokens] x*5 = 15 tokens; the 3-tile image (17 tokens) cannot fit
   assert (row["segment_ids"] == 1).sum() == 15 and (row["tokens"] == IDS.patch).sum() == 4
   assert not row["pixel_values"][1:].astype(np.float32).any()  # its tiles are dropped too
@@ -86,8 +87,11 @@ def test_colour_task_and_batches(tmp_path):
   assert tasks.write_colors(tmp_path / "colors", 12, seed=0) == path  # reused
   records = mmdata.read_records(str(path))
   assert len(records) == 12 and all(r["text"].startswith("<|image|>colour: ") for r in records)
-  cfg = run_config.DataConfig(paths=(str(path),), seq_len=32, batch_size=4, image_tiles=4,
-                              row_tiles=5)
+  cfg = run_config.DataConfig(paths=(str(path),), seq_len=48, batch_size=4, image_tiles=4,
+                              row_tiles=5)  # the quickstart's shapes: no record is cut
   batch = next(iter(mmdata.make_dataset(cfg, cfg.paths, TOK, VISION)))
-  assert batch["tokens"].shape == (4, 32) and batch["pixel_values"].shape == (4, 5, 3, 56, 56)
-  assert batch["loss_mask"].sum() > 0
+  assert batch["tokens"].shape == (4, 48) and batch["pixel_values"].shape == (4, 5, 3, 56, 56)
+  for tokens, seg, mask in zip(batch["tokens"], batch["segment_ids"], batch["loss_mask"]):
+    n = int(seg.sum())  # every row ends "colour: NAME" + eos, all of it a target
+    assert tokens[n - 1] == 257 and TOK.decode(tokens[n - 16:n - 1].tolist()).count("colour: ")
+    assert mask[n - 10:n].all()

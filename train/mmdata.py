@@ -9,6 +9,7 @@ Image tokens are never training targets (`loss_mask`). A record longer than `seq
 whole image. As in train/data.py each host reads its own slice, shuffled and repeated.
 """
 import json
+import warnings
 from pathlib import Path
 
 import grain
@@ -61,7 +62,7 @@ class Encoder:
   [row_tiles, 3, S, S] bf16."""
 
   def __init__(self, tok, vision: l4.VisionConfig, cfg: DataConfig):
-    self.tok, self.vision, self.cfg = tok, vision, cfg
+    self.tok, self.vision, self.cfg, self.warned = tok, vision, cfg, False
     self.ids = tokenizer_lib.image_tokens(tok)
     self.bos, self.eos, self.pad = (tokenizer_lib.special_id(tok, t) for t in
                                     tokenizer_lib.SPECIAL[:3])
@@ -88,6 +89,10 @@ class Encoder:
     seq_len, s = self.cfg.seq_len, self.vision.image_size
     tokens, spans, tiles = self._tokens(record)
     keep = min(len(tokens), seq_len)
+    if keep < len(tokens) and not self.warned:  # once per encoder: the text after the cut is lost
+      self.warned = True
+      warnings.warn(f"{record['where']}: {len(tokens)} tokens cut to data.seq_len={seq_len}; "
+                    f"records this long lose their end (raise seq_len to keep it)", stacklevel=2)
     for k, (start, end) in enumerate(spans):  # cut before the first image that does not fit
       if end > keep:
         keep, tiles = start, tiles[:k]
