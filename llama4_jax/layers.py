@@ -12,6 +12,12 @@ import numpy as np
 from llama4_jax.config import Llama3Scaling
 
 
+def unconstrained(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """The default `constrain` hook: activations placed wherever the compiler likes."""
+  del axes
+  return x
+
+
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
   """RMSNorm in fp32, cast back to x.dtype *before* the weight multiply (as HF does)."""
   x32 = x.astype(jnp.float32)

@@ -26,11 +26,6 @@ class Output(NamedTuple):
 ACTIVATION_AXES = ("batch", "seq", "act_embed")  # logical axes of the residual stream [B, T, D]
 
 
-def _unconstrained(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-  del axes
-  return x
-
-
 class Hooks(NamedTuple):
   """How the caller places the model's work; the model itself knows no mesh.
 
@@ -39,7 +34,7 @@ class Hooks(NamedTuple):
     applied at block boundaries, around the MoE and on the logits.
   """
   moe_fn: moe.MoeFn = moe.moe
-  constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] = _unconstrained
+  constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] = layers.unconstrained
 
 
 def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot: int,

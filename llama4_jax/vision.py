@@ -19,6 +19,7 @@ from llama4_jax.config import Config, VisionConfig
 
 # HF builds every vision nn.LayerNorm with torch's default eps, whatever `norm_eps` says.
 LAYERNORM_EPS = 1e-5
+VISION_AXES = ("batch", "vision_tokens", "act_embed")  # logical axes of the tower's stream [N, P, D]
 
 
 def _bias(x: jax.Array, b: jax.Array) -> jax.Array:
@@ -90,9 +91,11 @@ def pixel_shuffle(x_NPD: jax.Array) -> jax.Array:
   return x.reshape(n, -1, 4 * d)
 
 
-def encode(v: VisionConfig, p: dict, pixels_NCSS: jax.Array, *, remat: bool = False) -> jax.Array:
+def encode(v: VisionConfig, p: dict, pixels_NCSS: jax.Array, *, remat: bool = False,
+           constrain=layers.unconstrained) -> jax.Array:
   """Tiles [N, C, S, S] -> adapter output [N, P/4, vision_output_dim] (HF `vision_model(...)
-  .last_hidden_state`), in the dtype of the params."""
+  .last_hidden_state`), in the dtype of the params. `constrain` (as `l4.Hooks.constrain`) places
+  the stream at every layer: tiles are data-parallel, the width is not split."""
   dtype = p["patch"].dtype
   x = layers.dense(patchify(v, pixels_NCSS).astype(dtype), p["patch"])
   cls = jnp.broadcast_to(p["cls"].astype(dtype), (x.shape[0], 1, x.shape[2]))
@@ -100,22 +103,23 @@ def encode(v: VisionConfig, p: dict, pixels_NCSS: jax.Array, *, remat: bool = Fa
   angles = jnp.asarray(rope_angles(v))[None]
 
   def layer(x, lp):
-    return _encoder_layer(lp, x, angles, v), None
+    return _encoder_layer(lp, constrain(x, VISION_AXES), angles, v), None
   if remat:
     layer = jax.checkpoint(layer)
   x, _ = jax.lax.scan(layer, x, p["layers"])
-  x = pixel_shuffle(layer_norm(x, p["ln_post"])[:, :-1])
+  x = pixel_shuffle(layer_norm(constrain(x, VISION_AXES), p["ln_post"])[:, :-1])
   x = gelu(layers.dense(x, p["adapter"]["fc1"]))
   return gelu(layers.dense(x, p["adapter"]["fc2"]))
 
 
-def image_features(cfg: Config, params: dict, pixel_values: jax.Array, *,
-                   remat: bool = False) -> tuple[jax.Array, jax.Array]:
+def image_features(cfg: Config, params: dict, pixel_values: jax.Array, *, remat: bool = False,
+                   constrain=layers.unconstrained) -> tuple[jax.Array, jax.Array]:
   """(adapter output [N, P/4, vision_output_dim], projected rows [N * P/4, D]) of tiles [N, C, S, S]."""
   if cfg.vision is None or "vision" not in params:
     raise ValueError("pixel_values were given but the model has no vision tower (cfg.vision is "
                      "None or params lack 'vision'); load a multimodal checkpoint")
-  feats = encode(cfg.vision, params["vision"], pixel_values, remat=remat)
+  feats = constrain(encode(cfg.vision, params["vision"], pixel_values, remat=remat,
+                           constrain=constrain), VISION_AXES)
   return feats, layers.dense(feats.reshape(-1, feats.shape[-1]), params["projector"])
 
 

@@ -37,6 +37,7 @@ RULES: dict[str, tuple[str, ...]] = {
     # activations (the model's `ACTIVATION_AXES`, logits): the batch as above, the residual
     # stream's width replicated (fsdp shards weights, not activations)
     "seq": ("context",),
+    "vision_tokens": (),  # a tile's patches: tiles are the vision tower's batch
     "act_embed": (),
 }
 

@@ -18,9 +18,9 @@ def forward(model_cfg: l4.Config, params, batch: dict, remat: bool, hooks: l4.Ho
   x = l4.model.embed_tokens(t, params, tokens)
   if "pixel_values" in batch:
     b, n = batch["pixel_values"].shape[:2]
-    _, rows = l4.vision.image_features(model_cfg, params,
-                                       batch["pixel_values"].reshape(b * n, *batch["pixel_values"].shape[2:]),
-                                       remat=remat)
+    tiles = batch["pixel_values"].reshape(b * n, *batch["pixel_values"].shape[2:])
+    _, rows = l4.vision.image_features(model_cfg, params, tiles, remat=remat,
+                                       constrain=hooks.constrain)
     x = l4.vision.merge_rows(x, tokens, rows.reshape(b, -1, rows.shape[-1]),
                              model_cfg.image_token_index)
   return l4.model.run(t, params, x, ctx, remat=remat, hooks=hooks, with_head=False)
