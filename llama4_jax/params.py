@@ -7,6 +7,10 @@ length num_hidden_layers / period. Layer i lives in slot i % period, row i // pe
 Logical axis names (mapped to mesh axes by `sharding/`): layers, vocab, embed, norm, q_heads,
 kv_heads, head_dim, mlp, expert, router; the vision tower's vision_patch, vision_embed, vision_pos,
 vision_heads, vision_mlp, vision_proj and bias (norms, biases and the CLS embedding are not decayed).
+
+Each spec also declares what per-tensor hyperparameter rules need (train/metap.py): `fan_in`, the
+axes the forward pass contracts (never `expert` or `layers`: each expert is its own matrix), and
+`module`, the group whose tunable constants it takes.
 """
 import math
 from typing import Callable, NamedTuple
@@ -21,8 +25,11 @@ Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 class ParamSpec(NamedTuple):
   shape: tuple[int, ...]
-  axes: tuple[str, ...]   # one logical axis name per dimension
+  axes: tuple[str, ...]        # one logical axis name per dimension
   init: Init
+  fan_in: tuple[str, ...] = ()  # axes contracted in the forward pass (the first dim of each name)
+  module: str = ""              # embedding | attn | ffn_dense | ffn_expert | ffn_shared | router |
+                                # norm | readout | vision | projector
 
 
 def _normal(std: float) -> Init:
@@ -48,31 +55,32 @@ def _block_specs(cfg: TextConfig, slot: int, groups: int) -> dict:
   n, k = cfg.num_attention_heads, cfg.num_key_value_heads
   w = _normal(cfg.initializer_range)
 
-  def spec(shape, axes, init=w):
-    return ParamSpec((groups, *shape), ("layers", *axes), init)
+  def spec(shape, axes, module, fan_in=("embed",), init=w):
+    return ParamSpec((groups, *shape), ("layers", *axes), init, fan_in, module)
 
   block = {
-      "attn_norm": spec((d,), ("norm",), _ones),
-      "ffn_norm": spec((d,), ("norm",), _ones),
-      "q": spec((d, n, h), ("embed", "q_heads", "head_dim")),
-      "k": spec((d, k, h), ("embed", "kv_heads", "head_dim")),
-      "v": spec((d, k, h), ("embed", "kv_heads", "head_dim")),
-      "o": spec((n, h, d), ("q_heads", "head_dim", "embed")),
+      "attn_norm": spec((d,), ("norm",), "norm", (), _ones),
+      "ffn_norm": spec((d,), ("norm",), "norm", (), _ones),
+      "q": spec((d, n, h), ("embed", "q_heads", "head_dim"), "attn"),
+      "k": spec((d, k, h), ("embed", "kv_heads", "head_dim"), "attn"),
+      "v": spec((d, k, h), ("embed", "kv_heads", "head_dim"), "attn"),
+      "o": spec((n, h, d), ("q_heads", "head_dim", "embed"), "attn", ("q_heads", "head_dim")),
   }
   if cfg.is_moe(slot):
     block["moe"] = {
-        "router": spec((d, e), ("embed", "router")),
-        "gate": spec((e, d, f), ("expert", "embed", "mlp")),
-        "up": spec((e, d, f), ("expert", "embed", "mlp")),
-        "down": spec((e, f, d), ("expert", "mlp", "embed")),
-        "shared_gate": spec((d, f), ("embed", "mlp")),
-        "shared_up": spec((d, f), ("embed", "mlp")),
-        "shared_down": spec((f, d), ("mlp", "embed")),
+        "router": spec((d, e), ("embed", "router"), "router"),
+        "gate": spec((e, d, f), ("expert", "embed", "mlp"), "ffn_expert"),
+        "up": spec((e, d, f), ("expert", "embed", "mlp"), "ffn_expert"),
+        "down": spec((e, f, d), ("expert", "mlp", "embed"), "ffn_expert", ("mlp",)),
+        "shared_gate": spec((d, f), ("embed", "mlp"), "ffn_shared"),
+        "shared_up": spec((d, f), ("embed", "mlp"), "ffn_shared"),
+        "shared_down": spec((f, d), ("mlp", "embed"), "ffn_shared", ("mlp",)),
     }
   else:
     fm = cfg.intermediate_size_mlp
-    block["mlp"] = {"gate": spec((d, fm), ("embed", "mlp")), "up": spec((d, fm), ("embed", "mlp")),
-                    "down": spec((fm, d), ("mlp", "embed"))}
+    block["mlp"] = {"gate": spec((d, fm), ("embed", "mlp"), "ffn_dense"),
+                    "up": spec((d, fm), ("embed", "mlp"), "ffn_dense"),
+                    "down": spec((fm, d), ("mlp", "embed"), "ffn_dense", ("mlp",))}
   return block
 
 
@@ -84,31 +92,37 @@ def _vision_specs(v: VisionConfig) -> dict:
 
   def norm(*lead):
     axes = ("layers",) if lead else ()
-    return {"scale": ParamSpec((*lead, d), (*axes, "norm"), _ones),
-            "bias": ParamSpec((*lead, d), (*axes, "norm"), _zeros)}
+    return {"scale": ParamSpec((*lead, d), (*axes, "norm"), _ones, (), "vision"),
+            "bias": ParamSpec((*lead, d), (*axes, "norm"), _zeros, (), "vision")}
 
-  def stacked(shape, axes, init=w):
-    return ParamSpec((n, *shape), ("layers", *axes), init)
+  def stacked(shape, axes, fan_in=("vision_embed",), init=w):
+    return ParamSpec((n, *shape), ("layers", *axes), init, fan_in, "vision")
+
+  def single(shape, axes, fan_in, init=w):
+    return ParamSpec(shape, axes, init, fan_in, "vision")
 
   qkv = {name: stacked((d, k, h), ("vision_embed", "vision_heads", "head_dim")) for name in "qkv"}
-  qkv_bias = {f"{name}_bias": stacked((k, h), ("vision_heads", "bias"), _zeros) for name in "qkv"}
+  qkv_bias = {f"{name}_bias": stacked((k, h), ("vision_heads", "bias"), (), _zeros) for name in "qkv"}
   return {
-      "patch": ParamSpec((v.num_channels * v.patch_size ** 2, d), ("vision_patch", "vision_embed"), w),
-      "cls": ParamSpec((d,), ("norm",), emb),
-      "pos": ParamSpec((v.grid ** 2 + 1, d), ("vision_pos", "vision_embed"), emb),
+      "patch": single((v.num_channels * v.patch_size ** 2, d), ("vision_patch", "vision_embed"),
+                      ("vision_patch",)),
+      "cls": single((d,), ("norm",), (), emb),
+      "pos": single((v.grid ** 2 + 1, d), ("vision_pos", "vision_embed"), (), emb),
       "ln_pre": norm(), "ln_post": norm(),
       "layers": {
           "ln1": norm(n), "ln2": norm(n), **qkv, **qkv_bias,
-          "o": stacked((k, h, d), ("vision_heads", "head_dim", "vision_embed")),
-          "o_bias": stacked((d,), ("bias",), _zeros),
+          "o": stacked((k, h, d), ("vision_heads", "head_dim", "vision_embed"),
+                       ("vision_heads", "head_dim")),
+          "o_bias": stacked((d,), ("bias",), (), _zeros),
           "fc1": stacked((d, f), ("vision_embed", "vision_mlp")),
-          "fc1_bias": stacked((f,), ("bias",), _zeros),
-          "fc2": stacked((f, d), ("vision_mlp", "vision_embed")),
-          "fc2_bias": stacked((d,), ("bias",), _zeros),
+          "fc1_bias": stacked((f,), ("bias",), (), _zeros),
+          "fc2": stacked((f, d), ("vision_mlp", "vision_embed"), ("vision_mlp",)),
+          "fc2_bias": stacked((d,), ("bias",), (), _zeros),
       },
       "adapter": {
-          "fc1": ParamSpec((f, v.projector_input_dim), ("vision_mlp", "vision_proj"), w),
-          "fc2": ParamSpec((v.projector_output_dim,) * 2, ("vision_proj", "vision_proj"), w),
+          "fc1": single((f, v.projector_input_dim), ("vision_mlp", "vision_proj"), ("vision_mlp",)),
+          "fc2": single((v.projector_output_dim,) * 2, ("vision_proj", "vision_proj"),
+                        ("vision_proj",)),
       },
   }
 
@@ -120,16 +134,17 @@ def param_specs(cfg: Config) -> dict:
   groups = t.num_hidden_layers // p
   w = _normal(t.initializer_range)
   specs = {
-      "embed": ParamSpec((t.vocab_size, t.hidden_size), ("vocab", "embed"), w),
+      "embed": ParamSpec((t.vocab_size, t.hidden_size), ("vocab", "embed"), w, (), "embedding"),
       "blocks": [_block_specs(t, s, groups) for s in range(p)],
-      "final_norm": ParamSpec((t.hidden_size,), ("norm",), _ones),
+      "final_norm": ParamSpec((t.hidden_size,), ("norm",), _ones, (), "norm"),
   }
   if not t.tie_word_embeddings:
-    specs["lm_head"] = ParamSpec((t.hidden_size, t.vocab_size), ("embed", "vocab"), w)
+    specs["lm_head"] = ParamSpec((t.hidden_size, t.vocab_size), ("embed", "vocab"), w, ("embed",),
+                                 "readout")
   if cfg.vision is not None:
     specs["vision"] = _vision_specs(cfg.vision)
     specs["projector"] = ParamSpec((cfg.vision.vision_output_dim, t.hidden_size),
-                                   ("vision_proj", "embed"), w)
+                                   ("vision_proj", "embed"), w, ("vision_proj",), "projector")
   return specs
 
 

@@ -1,7 +1,9 @@
-"""Test hygiene in one place: rank promotion is an error, fp32 matmuls are exact fp32."""
+"""Test hygiene in one place: rank promotion is an error, fp32 matmuls are exact fp32, and XLA
+spends little time optimising code for models this small (it compiles more than it runs)."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 import jax  # noqa: E402
 

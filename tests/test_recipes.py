@@ -3,6 +3,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import pytest
 
 import llama4_jax as l4
@@ -21,6 +22,9 @@ def test_recipe_parses_and_model_builds(path):
   cfg = run_config.load(path)
   model = cfg.model.build()
   assert l4.param_count(model) > 0
+  table = loop.resolve_table(cfg, model)  # the MetaP proxy fits the model
+  assert len(table.rows) == len(jax.tree.leaves(l4.param_specs(model), is_leaf=l4.is_spec))
+  assert all(min(r.lr) > 0 for r in table.rows.values())
   assert cfg.data.batch_size % cfg.optim.grad_accum == 0
 
 

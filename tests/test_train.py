@@ -171,7 +171,7 @@ def test_bf16_params_keep_fp32_optimizer_state_and_one_rounding_per_step():
   new, m = step_fn(*step_fn(state, batch)[:1], batch)  # step 0 has lr 0 (warmup)
   assert {a.dtype for a in jax.tree.leaves(new.params)} == {jnp.dtype(jnp.bfloat16)}
   # the update is applied in fp32 to the fp32 view of the params and rounded once
-  mu = new.opt_state[2][0].mu  # adamw's first moment (after freezing and clipping), fp32
+  mu = new.opt_state[2].mu  # Adam's first moment (after freezing and clipping), fp32
   assert mu["embed"].dtype == jnp.float32 and float(jnp.abs(mu["embed"]).max()) > 0
   assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
   # matrices move; norm weights at 1.0 do not: an update below half a bf16 ulp (2**-8) rounds away,

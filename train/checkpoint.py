@@ -25,6 +25,19 @@ class Checkpointer:
     self.metadata_file = self.directory / "run.json"
     self.extra_metadata = extra_metadata
 
+  def agree(self, name: str, payload: dict) -> None:
+    """Records `payload` as `name` beside the checkpoints, or checks it against the recorded one:
+    a run cannot resume under settings its checkpoints were not trained with."""
+    path = self.directory / name
+    if path.exists():
+      saved = json.loads(path.read_text())
+      if saved != payload:
+        diff = sorted(k for k in set(saved) | set(payload) if saved.get(k) != payload.get(k))
+        raise ValueError(f"{path}: these checkpoints were trained with different {diff} "
+                         f"(saved {[saved.get(k) for k in diff]}, now {[payload.get(k) for k in diff]})")
+    elif jax.process_index() == 0:
+      path.write_text(json.dumps(payload, indent=2))
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 

@@ -127,6 +127,43 @@ class OptimConfig:
       raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
 
 
+METAP_MODULES = ("embedding", "attn_rope", "attn_nope", "ffn_dense", "ffn_expert", "ffn_shared",
+                 "router", "norm", "readout", "vision", "projector")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaPConfig:
+  """Per-tensor init/LR/decay/eps transferred from a proxy (train/metap.py)."""
+  preset: str = "sp"                    # sp: standard (every factor 1) | mup: muP width + CompleteP
+                                        #   depth + Adam batch rule
+  base: dict = dataclasses.field(default_factory=dict)         # TextConfig overrides: the proxy
+  base_vision: dict = dataclasses.field(default_factory=dict)  # VisionConfig overrides: the proxy
+  base_batch_tokens: int | None = None  # tokens per optimizer step of the proxy (None: this run's)
+  base_train_tokens: int | None = None  # tokens the proxy trained on (None: this run's)
+  depth_alpha: float = 1.0              # mup: residual branches x (L0/L)^alpha, absorbed in init/LR
+  duration_exponent: float = 0.0        # LR x (D/D0)^-exponent, fitted from proxies at 2+ horizons
+  constants: dict = dataclasses.field(default_factory=dict)    # {module: {lr: x | [x per depth
+                                                               #   bucket], init: ...}}
+
+  def __post_init__(self):
+    if self.preset not in ("sp", "mup"):
+      raise ValueError(f"metap.preset={self.preset!r}; valid: sp, mup")
+    for module, c in self.constants.items():
+      if module not in METAP_MODULES:
+        raise ValueError(f"metap.constants.{module}: unknown module; valid: {list(METAP_MODULES)}")
+      if not isinstance(c, dict) or set(c) - {"lr", "init"}:
+        raise ValueError(f"metap.constants.{module} must map lr/init to a number or a list, got {c!r}")
+      for k, v in c.items():
+        values = v if isinstance(v, (list, tuple)) else [v]
+        if not values or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
+                                 for x in values):
+          raise ValueError(f"metap.constants.{module}.{k}: expected a number >= 0 or a non-empty "
+                           f"list of them, got {v!r}")
+    for name in ("base_batch_tokens", "base_train_tokens"):
+      if getattr(self, name) is not None and getattr(self, name) <= 0:
+        raise ValueError(f"metap.{name} must be positive, got {getattr(self, name)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   every: int = 100
@@ -145,6 +182,7 @@ class RunConfig:
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
+  metap: MetaPConfig = MetaPConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig(data=-1)  # all devices data-parallel
 

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 import llama4_jax as l4
 from llama4_jax.config import from_hf, text_to_hf
-from train import checkpoint, data, metrics as metrics_lib, mmdata, optim, pretrain, step as step_lib
+from train import checkpoint, data, metap, metrics as metrics_lib, mmdata, optim, pretrain
+from train import step as step_lib
 from train import tokenizer as tokenizer_lib
 import sharding
 from train.config import RunConfig, to_dict
@@ -34,7 +35,8 @@ def _check_same_model(key: str, source: str, model_cfg: l4.Config, their_cfg: l4
                      f"{diff} (set model.text to match)")
 
 
-def initial_params(cfg: RunConfig, model_cfg: l4.Config, shardings) -> dict:
+def initial_params(cfg: RunConfig, model_cfg: l4.Config, shardings,
+                   table: metap.Table | None = None) -> dict:
   dtype = jnp.dtype(cfg.model.param_dtype)
   if cfg.model.init_from_checkpoint is not None:  # restored shard by shard onto `shardings`
     path = Path(cfg.model.init_from_checkpoint)
@@ -44,9 +46,11 @@ def initial_params(cfg: RunConfig, model_cfg: l4.Config, shardings) -> dict:
     target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           abstract, shardings)
     return ocp.StandardCheckpointer().restore((path / "params").absolute(), target)
-  if cfg.model.init_from_hf is None:
-    init = jax.jit(l4.init_params, static_argnums=(0, 2), out_shardings=shardings)
-    return init(model_cfg, jax.random.key(cfg.seed), dtype)
+  if cfg.model.init_from_hf is None:  # the MetaP table scales each tensor's init std
+    table = table or resolve_table(cfg, model_cfg)
+    init = jax.jit(lambda key: metap.init_params(model_cfg, table, key, dtype),
+                   out_shardings=shardings)
+    return init(jax.random.key(cfg.seed))
   hf_cfg, params = l4.load_hf(cfg.model.init_from_hf, dtype=dtype)
   _check_same_model("init_from_hf", cfg.model.init_from_hf, model_cfg, hf_cfg)
   if model_cfg.vision is None:  # text-only training from a multimodal checkpoint
@@ -91,9 +95,16 @@ class _Sigterm:
     self.received = True
 
 
+def resolve_table(cfg: RunConfig, model_cfg: l4.Config) -> metap.Table:
+  """The run's MetaP table: `cfg.metap` against this run's shapes, batch and token budget."""
+  batch_tokens = cfg.data.batch_size * cfg.data.seq_len
+  return metap.resolve(model_cfg, cfg.metap, cfg.optim, batch_tokens, batch_tokens * cfg.steps)
+
+
 class Trainer(NamedTuple):
   """Everything a run compiles against: the mesh, shardings, the loss and the jitted step."""
   model_cfg: l4.Config
+  table: metap.Table
   mesh: jax.sharding.Mesh
   batch_sharding: NamedSharding
   state_shardings: step_lib.TrainState
@@ -109,7 +120,8 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
   if cfg.mesh.context != 1:
     raise ValueError("mesh.context > 1 (sequence parallelism) is not available in this version")
   mesh = sharding.make_mesh(cfg.mesh)
-  tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps, cfg.model.frozen())
+  table = resolve_table(cfg, model_cfg)
+  tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps, cfg.model.frozen(), table)
   param_sh = sharding.param_shardings(model_cfg, mesh)
   param_dtype = jnp.dtype(cfg.model.param_dtype)
   abstract = jax.eval_shape(
@@ -122,12 +134,12 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
   batch_sh = sharding.batch_sharding(mesh)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum), state_sh, batch_sh)
-  return Trainer(model_cfg, mesh, batch_sh, state_sh, abstract, tx, loss_fn, train_step)
+  return Trainer(model_cfg, table, mesh, batch_sh, state_sh, abstract, tx, loss_fn, train_step)
 
 
 def initial_state(cfg: RunConfig, t: Trainer) -> step_lib.TrainState:
   # every leaf placed as the step's outputs will be: otherwise step 1 retraces
-  params = initial_params(cfg, t.model_cfg, t.state_shardings.params)
+  params = initial_params(cfg, t.model_cfg, t.state_shardings.params, t.table)
   return jax.device_put(step_lib.init_state(params, t.tx), t.state_shardings)
 
 
@@ -142,6 +154,14 @@ def _resume_or_start(cfg: RunConfig, t: Trainer, ckpt, data_iter):
   return start, ckpt.restore(start, target, data_iter)
 
 
+def _log_table(table: metap.Table, workdir: Path) -> None:
+  if jax.process_index() != 0:
+    return
+  text = metap.format_table(table)
+  (workdir / "metap.txt").write_text(text + "\n")
+  print(text if table.key["preset"] != "sp" else text.splitlines()[0] + f" ({workdir}/metap.txt)")
+
+
 def run(cfg: RunConfig) -> dict:
   """Trains per `cfg`; returns the last step's metrics record."""
   workdir = Path(cfg.workdir)
@@ -151,6 +171,8 @@ def run(cfg: RunConfig) -> dict:
   t = build(cfg, model_cfg)
   mesh, batch_sharding, train_step = t.mesh, t.batch_sharding, t.train_step
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))
+  ckpt.agree("metap.json", t.table.key)  # a different proxy/preset cannot resume these
+  _log_table(t.table, workdir)
   start, state = _resume_or_start(cfg, t, ckpt, data_iter)
 
   flops_per_token = metrics_lib.train_flops_per_token(model_cfg.text, cfg.data.seq_len)
