@@ -75,11 +75,11 @@ def plot(results: dict, path: Path) -> None:
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
-  ap.add_argument("--steps", type=int, default=200)
+  ap.add_argument("--steps", type=int, default=150)
   ap.add_argument("--quick", action="store_true", help="3 widths, 2 depths, 5 LRs (a smoke run)")
   args = ap.parse_args()
   args.out.mkdir(parents=True, exist_ok=True)
-  log2_lrs = np.arange(-12.0, -3.0, 1.0) if not args.quick else np.arange(-10.0, -5.0, 1.0)
+  log2_lrs = np.arange(-11.0, -3.0, 1.0) if not args.quick else np.arange(-9.0, -4.0, 1.0)
   opt = OptimConfig(schedule="constant", warmup_steps=args.steps // 10, weight_decay=0.1,
                     clip_norm=1e9, eps=1e-12)
   batches = mc.markov_batches(args.steps, 16, 32)

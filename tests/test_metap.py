@@ -2,6 +2,8 @@
 batch), identity at the proxy's shapes (bit-identical init and updates), init statistics, the
 optimizer wiring, expert-count independence, and the checkpoint guard."""
 import dataclasses
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -206,3 +208,20 @@ def test_bad_metap_recipes_name_the_key():
     _table(cfg, base=dict(BASE, num_hidden_layers=1))
   with pytest.raises(ValueError, match="batch rule gives optim.b1"):
     _table(cfg, tokens=(128 * 16, 128 * 160), base_batch_tokens=128)
+
+
+def test_a_run_refuses_to_resume_under_another_proxy(tmp_path):
+  from train import loop
+  proxy = "metap.base={hidden_size: 32, num_attention_heads: 2, intermediate_size: 20}"
+  quickstart = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
+  small = (f"workdir={tmp_path}", "steps=2", "data.synthetic.num_examples=64")
+  cfg = load(quickstart, (*small, "metap.preset=mup", proxy))
+  table = loop.resolve_table(cfg, cfg.model.build())
+  assert table.rows["blocks/0/q"].lr == (0.5,)
+  (tmp_path / "checkpoints").mkdir()
+  other = load(quickstart, small)
+  (tmp_path / "checkpoints" / "metap.json").write_text(
+      json.dumps(loop.resolve_table(other, other.model.build()).key))
+  with pytest.raises(ValueError, match=r"checkpoints were trained with different \['base_text', "
+                                       r"'depth_alpha', 'preset'\]"):
+    loop.run(cfg)
