@@ -91,6 +91,8 @@ class DataConfig:
   batch_size: int = 16                      # global batch, in packed rows
   seed: int = 0
   packing_bins: int = 16
+  chat: bool = False                        # SFT: .jsonl {"messages": [...]} in the Llama 4 chat
+                                            #   format, loss on assistant turns (train/chat.py)
   # multimodal models (model.multimodal): JSONL records {"text": "...<|image|>...", "images":
   # [paths relative to the file]}, one record per row (no packing), tiles padded per row
   synthetic_images: SyntheticImagesConfig | None = None  # the embedded colour task instead

@@ -84,24 +84,31 @@ def resolve_paths(cfg: DataConfig, workdir: str) -> tuple[str, ...]:
   return cfg.paths
 
 
-def _to_batch(row: dict) -> dict:
-  return {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"],
-          "positions": row["tokens_positions"]}
+def packed_batches(cfg: DataConfig, sources: list[grain.MapDataset], encode: Callable,
+                   fields: tuple[str, ...], process_index: int, process_count: int):
+  """Each source's slice for this host, shuffled, repeated, encoded to dicts of `fields` arrays
+  (tokens first), mixed by `cfg.weights`, packed first-fit into rows of `seq_len` and batched:
+  tokens, segment_ids, positions and the other fields, int32 [local_batch, seq_len]."""
+  if cfg.batch_size % process_count:
+    raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by {process_count} hosts")
+  weights = cfg.weights or (1.0,) * len(sources)
+  if len(weights) != len(sources):
+    raise ValueError(f"data.weights has {len(weights)} entries for {len(sources)} paths")
+  parts = [src[process_index::process_count].seed(cfg.seed + i).shuffle().repeat()
+           .map(encode).to_iter_dataset() for i, src in enumerate(sources)]
+  ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, list(weights))
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct={f: cfg.seq_len for f in fields}, num_packing_bins=cfg.packing_bins,
+      seed=cfg.seed)
+
+  def to_batch(row: dict) -> dict:
+    return {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"],
+            "positions": row["tokens_positions"], **{f: row[f] for f in fields[1:]}}
+  return ds.map(to_batch).batch(cfg.batch_size // process_count, drop_remainder=True)
 
 
 def make_dataset(cfg: DataConfig, paths: tuple[str, ...], tok, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
   """Batches of this host's rows: dicts of int32 [local_batch, seq_len] arrays."""
-  if cfg.batch_size % process_count:
-    raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by {process_count} hosts")
-  weights = cfg.weights or (1.0,) * len(paths)
-  if len(weights) != len(paths):
-    raise ValueError(f"data.weights has {len(weights)} entries for {len(paths)} paths")
-  tokenize = tokenize_fn(tok, cfg.seq_len)
-  parts = [source(p)[process_index::process_count].seed(cfg.seed + i).shuffle().repeat()
-           .map(tokenize).to_iter_dataset() for i, p in enumerate(paths)]
-  ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, list(weights))
-  ds = grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={"tokens": cfg.seq_len}, num_packing_bins=cfg.packing_bins,
-      seed=cfg.seed)
-  return ds.map(_to_batch).batch(cfg.batch_size // process_count, drop_remainder=True)
+  return packed_batches(cfg, [source(p) for p in paths], tokenize_fn(tok, cfg.seq_len),
+                        ("tokens",), process_index, process_count)

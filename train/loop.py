@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import llama4_jax as l4
 from llama4_jax.config import from_hf, text_to_hf
-from train import checkpoint, data, metap, metrics as metrics_lib, mmdata, optim, pretrain
+from train import chat, checkpoint, data, metap, metrics as metrics_lib, mmdata, optim, pretrain
 from train import step as step_lib
 from train import tokenizer as tokenizer_lib
 import sharding
@@ -81,6 +81,9 @@ def _data(cfg: RunConfig, model_cfg: l4.Config, workdir: Path):
   if model_cfg.vision is not None:
     paths = mmdata.resolve_paths(cfg.data, str(workdir))
     return iter(mmdata.make_dataset(cfg.data, paths, tok, model_cfg.vision, *host))
+  if cfg.data.chat:
+    paths = chat.resolve_paths(cfg.data, str(workdir))
+    return iter(chat.make_dataset(cfg.data, paths, tok, *host))
   paths = data.resolve_paths(cfg.data, str(workdir))
   return iter(data.make_dataset(cfg.data, paths, tok, *host))
 
