@@ -1,0 +1,105 @@
+"""DPO (Rafailov et al. 2023) on preference pairs: the loss on the shared train step, pair data, and
+reference log-probs computed once.
+
+A record is `{"prompt": "..." | [messages], "chosen": "...", "rejected": "..."}`: the prompt as a
+user turn (or the given conversation), each response as the assistant turn, rendered in the Llama 4
+chat format (train/chat.py); only response tokens (and their `<|eot|>`) count in a sequence's
+log-probability. loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))): exactly log 2 while
+the policy equals the reference.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import llama4_jax as l4
+from train import chat, pretrain
+
+
+def check_pair(record, where: str) -> dict:
+  """The pair as {"messages", "chosen", "rejected"}, or a ValueError naming `where`."""
+  if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= set(record):
+    raise ValueError(f"{where}: expected {{'prompt', 'chosen', 'rejected'}}")
+  prompt = record["prompt"]
+  messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+  for k in ("chosen", "rejected"):
+    if not isinstance(record[k], str) or not record[k].strip():
+      raise ValueError(f"{where}: an empty preference pair: {k!r} is {record[k]!r}")
+  if record["chosen"].strip() == record["rejected"].strip():
+    raise ValueError(f"{where}: chosen and rejected are the same response")
+  chat.check_record({"messages": messages + [{"role": "assistant", "content": record["chosen"]}]},
+                    where)
+  return {"messages": messages, "chosen": record["chosen"], "rejected": record["rejected"]}
+
+
+def read_pairs(path: str) -> list[dict]:
+  out = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{n}: not JSON ({e})") from e
+        out.append(check_pair(record, f"{path}:{n}"))
+  return out
+
+
+def encode_pair(render: chat.Renderer, pair: dict) -> dict:
+  """{chosen,rejected}_{tokens,mask} int32 [seq_len] (padded with 0, mask 0 on padding)."""
+  out = {}
+  for k in ("chosen", "rejected"):
+    row = render(pair["messages"] + [{"role": "assistant", "content": pair[k]}])
+    n = len(row["tokens"])
+    if not row["loss_mask"].any():
+      raise ValueError(f"the {k} response is cut off entirely by data.seq_len={render.seq_len}")
+    out[f"{k}_tokens"] = np.pad(row["tokens"], (0, render.seq_len - n))
+    out[f"{k}_mask"] = np.pad(row["loss_mask"], (0, render.seq_len - n))
+  return out
+
+
+def sequence_logps(model_cfg: l4.Config, params, tokens, mask, remat: bool = False,
+                   hooks: l4.Hooks = l4.Hooks()) -> tuple[jax.Array, l4.Output]:
+  """Sum over each row's masked positions of log p(token | its prefix): [B]."""
+  real = jnp.cumsum(mask[:, ::-1], axis=1)[:, ::-1] > 0  # up to the response's final <|eot|>
+  batch = {"tokens": tokens, "segment_ids": real.astype(jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)}
+  out = pretrain.forward(model_cfg, params, batch, remat, hooks)
+  logits = l4.model.head(model_cfg.text, params, out.final)[:, :-1].astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  tok = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return jnp.sum(tok * mask[:, 1:], axis=1), out
+
+
+def both(batch: dict) -> tuple[jax.Array, jax.Array]:
+  """Chosen rows then rejected rows, one forward for both: tokens, mask [2B, T]."""
+  return (jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]]),
+          jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]))
+
+
+def reference_logps(model_cfg: l4.Config, params, batches) -> np.ndarray:
+  """[N, 2] (chosen, rejected) log-probs of the reference policy, computed once per pair."""
+  fn = jax.jit(lambda p, t, m: sequence_logps(model_cfg, p, t, m)[0])
+  out = []
+  for b in batches:
+    logps = np.asarray(fn(params, *both(b)))
+    out.append(np.stack(np.split(logps, 2), axis=1))
+  return np.concatenate(out)
+
+
+def make_loss(model_cfg: l4.Config, beta: float, compute_dtype=jnp.float32, remat: bool = False,
+              hooks: l4.Hooks = l4.Hooks()):
+  """loss_fn(params, batch) -> (summed loss, (pairs, metrics)) for `step.make_train_step`; batch
+  holds the pair rows and `ref_logps` [B, 2]."""
+  def loss_fn(params, batch):
+    p = jax.tree.map(lambda a: a.astype(compute_dtype), params)
+    logps, out = sequence_logps(model_cfg, p, *both(batch), remat=remat, hooks=hooks)
+    chosen, rejected = jnp.split(logps, 2)
+    margin = beta * ((chosen - batch["ref_logps"][:, 0]) - (rejected - batch["ref_logps"][:, 1]))
+    losses = -jax.nn.log_sigmoid(margin)
+    n = jnp.asarray(margin.shape[0], jnp.float32)
+    return jnp.sum(losses), (n, {"accuracy_sum": jnp.sum(margin > 0).astype(jnp.float32),
+                                 "margin_sum": jnp.sum(margin),
+                                 "expert_counts": out.expert_counts})
+  return loss_fn
