@@ -39,7 +39,8 @@ def check_record(record, where: str) -> list[dict]:
   return messages
 
 
-def read_records(path: str) -> list[list[dict]]:
+def read_jsonl(path: str, check) -> list:
+  """`check(record, "path:line")` of every non-empty line; the first bad line raises, named."""
   out = []
   with open(path) as f:
     for n, line in enumerate(f, 1):
@@ -48,8 +49,12 @@ def read_records(path: str) -> list[list[dict]]:
           record = json.loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{n}: not JSON ({e})") from e
-        out.append(check_record(record, f"{path}:{n}"))
+        out.append(check(record, f"{path}:{n}"))
   return out
+
+
+def read_records(path: str) -> list[list[dict]]:
+  return read_jsonl(path, check_record)
 
 
 class Renderer:

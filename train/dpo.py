@@ -7,8 +7,6 @@ chat format (train/chat.py); only response tokens (and their `<|eot|>`) count in
 log-probability. loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))): exactly log 2 while
 the policy equals the reference.
 """
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,16 +32,7 @@ def check_pair(record, where: str) -> dict:
 
 
 def read_pairs(path: str) -> list[dict]:
-  out = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: not JSON ({e})") from e
-        out.append(check_pair(record, f"{path}:{n}"))
-  return out
+  return chat.read_jsonl(path, check_pair)
 
 
 def encode_pair(render: chat.Renderer, pair: dict) -> dict:
