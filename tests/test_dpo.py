@@ -45,12 +45,14 @@ def test_sequence_logps_count_only_response_tokens():
   batch = _batch()
   got = np.asarray(dpo.sequence_logps(CFG, params, batch["chosen_tokens"],
                                       batch["chosen_mask"])[0])
+  # causal: a row's logits before its padding do not depend on the padding
+  logps = np.asarray(jax.nn.log_softmax(jax.jit(l4.forward, static_argnums=0)(
+      CFG, params, batch["chosen_tokens"]), -1))
   for i in range(len(PAIRS)):
     mask = np.asarray(batch["chosen_mask"][i])
     n = int(np.flatnonzero(mask)[-1]) + 1  # the unpadded conversation
-    ids = batch["chosen_tokens"][i:i + 1, :n]
-    logp = jax.nn.log_softmax(l4.forward(CFG, params, ids)[0, :-1], -1)
-    want = sum(float(logp[t - 1, ids[0, t]]) for t in range(1, n) if mask[t])
+    ids = np.asarray(batch["chosen_tokens"][i:i + 1, :n])
+    want = sum(float(logps[i, t - 1, ids[0, t]]) for t in range(1, n) if mask[t])
     assert abs(got[i] - want) < 1e-4
     assert TOK.decode(np.asarray(ids[0])[mask[:n] == 1].tolist(), skip_special_tokens=False) == \
         PAIRS[i]["chosen"] + "<|eot|>"
@@ -68,3 +70,22 @@ def test_bad_pairs_name_the_file_and_line(tmp_path, record, msg):
   path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
   with pytest.raises(ValueError, match=rf"pairs\.jsonl:2: {msg}"):
     dpo.read_pairs(str(path))
+
+
+def test_dpo_stage_in_llama4_train_starts_at_log2_and_reuses_its_reference(tmp_path):
+  from pathlib import Path
+  from train import config as config_lib, loop
+  quickstart = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
+  cfg = config_lib.load(quickstart, (f"workdir={tmp_path}", "steps=2", "dpo.beta=0.5",
+                                     "data.synthetic.num_examples=40", "data.seq_len=48",
+                                     "data.batch_size=8", "report=false"))
+  loop.run(cfg)
+  first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+  assert abs(first["loss"] - math.log(2)) < 1e-6 and {"accuracy", "margin"} <= set(first)
+  ref = np.load(tmp_path / "dpo_reference.npy")
+  assert ref.shape == (40, 2) and np.all(ref < 0)
+  pairs = tmp_path / "data" / "arithmetic-40-999-0.pairs.jsonl"
+  assert len(pairs.read_text().splitlines()) == 40
+  pairs.write_text("\n".join(pairs.read_text().splitlines()[:30]) + "\n")  # the data changed
+  with pytest.raises(ValueError, match="holds 40 pairs' reference log-probs but the data has 30"):
+    loop.run(dataclasses.replace(cfg, steps=3))

@@ -174,6 +174,17 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+  """Preference training (train/dpo.py): data.paths are {"prompt", "chosen", "rejected"} JSONL;
+  the reference is the starting policy, its log-probs computed once into the workdir."""
+  beta: float = 0.1
+
+  def __post_init__(self):
+    if self.beta <= 0:
+      raise ValueError(f"dpo.beta must be positive, got {self.beta}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   workdir: str = "workdirs/quickstart"
   steps: int = 300
@@ -185,6 +196,7 @@ class RunConfig:
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
   metap: MetaPConfig = MetaPConfig()
+  dpo: DPOConfig | None = None              # set: DPO on preference pairs instead of next-token loss
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig(data=-1)  # all devices data-parallel
 

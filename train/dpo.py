@@ -7,12 +7,18 @@ chat format (train/chat.py); only response tokens (and their `<|eot|>`) count in
 log-probability. loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))): exactly log 2 while
 the policy equals the reference.
 """
+import json
+import os
+from pathlib import Path
+
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import llama4_jax as l4
-from train import chat, pretrain
+from train import chat, data, pretrain
+from train.config import DataConfig
 
 
 def check_pair(record, where: str) -> dict:
@@ -68,12 +74,14 @@ def both(batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def reference_logps(model_cfg: l4.Config, params, batches) -> np.ndarray:
-  """[N, 2] (chosen, rejected) log-probs of the reference policy, computed once per pair."""
+  """[N, 2] (chosen, rejected) log-probs of the reference policy, computed once per pair, from
+  batches or (batch, rows to keep) tuples."""
   fn = jax.jit(lambda p, t, m: sequence_logps(model_cfg, p, t, m)[0])
   out = []
   for b in batches:
+    b, keep = b if isinstance(b, tuple) else (b, None)
     logps = np.asarray(fn(params, *both(b)))
-    out.append(np.stack(np.split(logps, 2), axis=1))
+    out.append(np.stack(np.split(logps, 2), axis=1)[:keep])
   return np.concatenate(out)
 
 
@@ -92,3 +100,49 @@ def make_loss(model_cfg: l4.Config, beta: float, compute_dtype=jnp.float32, rema
                                  "margin_sum": jnp.sum(margin),
                                  "expert_counts": out.expert_counts})
   return loss_fn
+
+
+def resolve_pairs(cfg: DataConfig, workdir: str) -> tuple[str, ...]:
+  """The configured pair files, or the embedded task as pairs: chosen = the answer, rejected = a
+  wrong one (deterministic in the seed)."""
+  if cfg.synthetic is None:
+    data.check_paths(cfg.paths)
+    if cfg.weights:
+      raise ValueError("data.weights: preference files are concatenated, not mixed")
+    return cfg.paths
+  (arithmetic,) = data.resolve_paths(cfg, workdir)
+  path = Path(arithmetic).with_suffix(".pairs.jsonl")
+  if not path.is_file():
+    rng = np.random.default_rng(cfg.synthetic.seed)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(arithmetic) as f, open(tmp, "w") as out:
+      for line in f:
+        r = json.loads(line)
+        wrong = int(r["answer"]) + int(rng.choice([-10, -2, -1, 1, 2, 10]))
+        out.write(json.dumps({"prompt": r["prompt"], "chosen": r["answer"],
+                              "rejected": str(wrong)}) + "\n")
+    tmp.replace(path)
+  return (str(path),)
+
+
+def make_dataset(cfg: DataConfig, pairs: list[dict], tok, ref: np.ndarray, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  """Batches of this host's pairs: {chosen,rejected}_{tokens,mask} [B, T] and ref_logps [B, 2]."""
+  if cfg.batch_size % process_count:
+    raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by {process_count} hosts")
+  render = chat.Renderer(tok, cfg.seq_len)
+
+  def encode(i):
+    return {**encode_pair(render, pairs[i]), "ref_logps": ref[i].astype(np.float32)}
+  ds = (grain.MapDataset.range(len(pairs))[process_index::process_count].seed(cfg.seed).shuffle()
+        .repeat().map(encode).to_iter_dataset())
+  return ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+
+
+def pair_batches(pairs: list[dict], tok, seq_len: int, batch: int):
+  """Every pair once, in order, `batch` at a time (the last batch padded by repetition)."""
+  render = chat.Renderer(tok, seq_len)
+  for start in range(0, len(pairs), batch):
+    chunk = pairs[start:start + batch]
+    rows = [encode_pair(render, p) for p in chunk + chunk[-1:] * (batch - len(chunk))]
+    yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, len(chunk)

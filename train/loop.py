@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 import llama4_jax as l4
 from llama4_jax.config import from_hf, text_to_hf
-from train import chat, checkpoint, data, metap, metrics as metrics_lib, mmdata, optim, pretrain
+from train import chat, checkpoint, data, dpo, metap, metrics as metrics_lib, mmdata, optim
+from train import pretrain
 from train import step as step_lib
 from train import tokenizer as tokenizer_lib
 import sharding
@@ -88,6 +90,28 @@ def _data(cfg: RunConfig, model_cfg: l4.Config, workdir: Path):
   return iter(data.make_dataset(cfg.data, paths, tok, *host))
 
 
+def _dpo_data(cfg: RunConfig, t, workdir: Path):
+  """Preference pairs with the reference policy's log-probs: computed once from the starting
+  params into WORKDIR/dpo_reference.npy, reused on resume."""
+  tok = tokenizer_lib.load(cfg.data.tokenizer)
+  _check_vocab(tok, t.model_cfg)
+  pairs = [p for path in dpo.resolve_pairs(cfg.data, str(workdir)) for p in dpo.read_pairs(path)]
+  ref_file = workdir / "dpo_reference.npy"
+  if ref_file.exists():
+    ref = np.load(ref_file)
+    if ref.shape != (len(pairs), 2):
+      raise ValueError(f"{ref_file} holds {ref.shape[0]} pairs' reference log-probs but the data "
+                       f"has {len(pairs)}: the data changed since this run started")
+  else:
+    params = initial_params(cfg, t.model_cfg, t.state_shardings.params, t.table)
+    ref = dpo.reference_logps(t.model_cfg, params, dpo.pair_batches(
+        pairs, tok, cfg.data.seq_len, cfg.data.batch_size))
+    if jax.process_index() == 0:
+      np.save(ref_file, ref)
+  host = (jax.process_index(), jax.process_count())
+  return iter(dpo.make_dataset(cfg.data, pairs, tok, ref, *host))
+
+
 class _Sigterm:
   def __init__(self):
     self.received = False
@@ -131,9 +155,13 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
       lambda: step_lib.init_state(l4.init_params(model_cfg, jax.random.key(0), param_dtype), tx))
   state_sh = step_lib.TrainState(NamedSharding(mesh, P()), param_sh,
                                  sharding.state_shardings(tx, abstract.opt_state, param_sh, mesh))
-  loss_fn = pretrain.make_loss(model_cfg, jnp.dtype(cfg.model.compute_dtype), cfg.model.remat,
-                               cfg.optim.z_loss, cfg.optim.load_balance, sharding.hooks(mesh),
-                               cfg.optim.loss_chunk, cfg.model.frozen())
+  if cfg.dpo is not None:
+    loss_fn = dpo.make_loss(model_cfg, cfg.dpo.beta, jnp.dtype(cfg.model.compute_dtype),
+                            cfg.model.remat, sharding.hooks(mesh))
+  else:
+    loss_fn = pretrain.make_loss(model_cfg, jnp.dtype(cfg.model.compute_dtype), cfg.model.remat,
+                                 cfg.optim.z_loss, cfg.optim.load_balance, sharding.hooks(mesh),
+                                 cfg.optim.loss_chunk, cfg.model.frozen())
   batch_sh = sharding.batch_sharding(mesh)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum), state_sh, batch_sh)
@@ -170,8 +198,10 @@ def run(cfg: RunConfig) -> dict:
   workdir = Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   model_cfg = cfg.model.build()
-  data_iter = _data(cfg, model_cfg, workdir)
+  data_iter = _data(cfg, model_cfg, workdir) if cfg.dpo is None else None
   t = build(cfg, model_cfg)
+  if data_iter is None:
+    data_iter = _dpo_data(cfg, t, workdir)
   mesh, batch_sharding, train_step = t.mesh, t.batch_sharding, t.train_step
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))
   ckpt.agree("metap.json", t.table.key)  # a different proxy/preset cannot resume these
