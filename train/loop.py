@@ -91,12 +91,13 @@ def _data(cfg: RunConfig, model_cfg: l4.Config, workdir: Path):
 
 
 def _dpo_data(cfg: RunConfig, t, workdir: Path):
-  """Preference pairs with the reference policy's log-probs: computed once from the starting
-  params into WORKDIR/dpo_reference.npy, reused on resume."""
+  """(data iterator, starting params or None): preference pairs with the reference policy's
+  log-probs, computed once from the starting params into WORKDIR/dpo_reference.npy and reused on
+  resume; the params that computed them start the run (not loaded twice)."""
   tok = tokenizer_lib.load(cfg.data.tokenizer)
   _check_vocab(tok, t.model_cfg)
   pairs = [p for path in dpo.resolve_pairs(cfg.data, str(workdir)) for p in dpo.read_pairs(path)]
-  ref_file = workdir / "dpo_reference.npy"
+  ref_file, params = workdir / "dpo_reference.npy", None
   if ref_file.exists():
     ref = np.load(ref_file)
     if ref.shape != (len(pairs), 2):
@@ -109,7 +110,7 @@ def _dpo_data(cfg: RunConfig, t, workdir: Path):
     if jax.process_index() == 0:
       np.save(ref_file, ref)
   host = (jax.process_index(), jax.process_count())
-  return iter(dpo.make_dataset(cfg.data, pairs, tok, ref, *host))
+  return iter(dpo.make_dataset(cfg.data, pairs, tok, ref, *host)), params
 
 
 class _Sigterm:
@@ -168,17 +169,19 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
   return Trainer(model_cfg, table, mesh, batch_sh, state_sh, abstract, tx, loss_fn, train_step)
 
 
-def initial_state(cfg: RunConfig, t: Trainer) -> step_lib.TrainState:
+def initial_state(cfg: RunConfig, t: Trainer, params=None) -> step_lib.TrainState:
   # every leaf placed as the step's outputs will be: otherwise step 1 retraces
-  params = initial_params(cfg, t.model_cfg, t.state_shardings.params, t.table)
+  if params is None:
+    params = initial_params(cfg, t.model_cfg, t.state_shardings.params, t.table)
   return jax.device_put(step_lib.init_state(params, t.tx), t.state_shardings)
 
 
-def _resume_or_start(cfg: RunConfig, t: Trainer, ckpt, data_iter):
-  """(first step, state): the latest checkpoint of the workdir, or a fresh start."""
+def _resume_or_start(cfg: RunConfig, t: Trainer, ckpt, data_iter, params=None):
+  """(first step, state): the latest checkpoint of the workdir, or a fresh start (from `params`
+  when they are already loaded)."""
   start = ckpt.latest_step() or 0
   if not start:
-    return 0, initial_state(cfg, t)
+    return 0, initial_state(cfg, t, params)
   # restored straight into this run's shardings, whatever mesh saved it
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         t.abstract_state, t.state_shardings)
@@ -198,15 +201,17 @@ def run(cfg: RunConfig) -> dict:
   workdir = Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   model_cfg = cfg.model.build()
+  params = None  # set when DPO's reference pass has already loaded the starting params
   data_iter = _data(cfg, model_cfg, workdir) if cfg.dpo is None else None
   t = build(cfg, model_cfg)
-  if data_iter is None:
-    data_iter = _dpo_data(cfg, t, workdir)
+  if cfg.dpo is not None:
+    data_iter, params = _dpo_data(cfg, t, workdir)
   mesh, batch_sharding, train_step = t.mesh, t.batch_sharding, t.train_step
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))
   ckpt.agree("metap.json", t.table.key)  # a different proxy/preset cannot resume these
   _log_table(t.table, workdir)
-  start, state = _resume_or_start(cfg, t, ckpt, data_iter)
+  start, state = _resume_or_start(cfg, t, ckpt, data_iter, params)
+  del params  # the state owns them now (the first step donates its buffers)
 
   flops_per_token = metrics_lib.train_flops_per_token(model_cfg.text, cfg.data.seq_len)
   peak, peak_source = metrics_lib.peak_flops(cfg.peak_flops_per_device,
