@@ -25,6 +25,7 @@ setup(
         "pyarrow>=17",
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.9,<4",
+        "pillow>=10,<14",  # the image processor (llama4_jax/processor.py)
     ],
     package_data={"train.launch": ["*.yaml", "*.sbatch", "*.sh"]},
     entry_points={"console_scripts": ["llama4-train=train.__main__:main",
