@@ -1,4 +1,5 @@
 """The training core: one trace, exact resume after SIGKILL, SIGTERM, accumulation, schedules."""
+import dataclasses
 import json
 import random
 import signal
@@ -110,6 +111,28 @@ def test_a_training_checkpoint_exports_to_hf(tmp_path, reference_run):
   assert trained["embed"].dtype == np.float32
   jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, trained))
   assert transformers.Llama4ForCausalLM.from_pretrained(out).config.num_local_experts == 4
+
+
+def test_a_stage_starts_from_the_last_stages_training_checkpoint(tmp_path, reference_run):
+  """Mid-training: 4x the sequence length, bf16 params, from WORKDIR/checkpoints/STEP."""
+  step = reference_run / "checkpoints" / "12"
+  run = config_lib.from_dict(config_lib.RunConfig, {
+      **TINY, "data": {**TINY["data"], "seq_len": 128},
+      "model": {**TINY["model"], "init_from_checkpoint": str(step), "param_dtype": "bfloat16"}})
+  model_cfg = run.model.build()
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  loaded = loop.initial_params(run, model_cfg, sharding)
+  trained = ocp.StandardCheckpointer().restore(step / "state")["params"]
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+      np.asarray(a), np.asarray(b).astype(jnp.bfloat16)), loaded, trained)
+  other = config_lib.from_dict(config_lib.RunConfig, {**TINY, "model": {
+      **TINY["model"], "text": {**TINY["model"]["text"], "num_local_experts": 8},
+      "init_from_checkpoint": str(step)}})
+  with pytest.raises(ValueError, match=r"its config differs .* in \['num_local_experts'\]"):
+    loop.initial_params(other, other.model.build(), sharding)
+  with pytest.raises(FileNotFoundError, match="neither a converted checkpoint"):
+    loop.initial_params(dataclasses.replace(run, model=dataclasses.replace(
+        run.model, init_from_checkpoint=str(tmp_path))), model_cfg, sharding)
 
 
 def test_initial_params_from_a_hf_checkpoint(tmp_path):

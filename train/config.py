@@ -28,7 +28,8 @@ class ModelConfig:
   preset: str = "tiny"                      # a function of llama4_jax.presets: tiny, scout, maverick
   text: dict = dataclasses.field(default_factory=dict)  # TextConfig field overrides
   init_from_hf: str | None = None           # HF directory whose weights start the run
-  init_from_checkpoint: str | None = None   # or `llama4-convert hf-to-orbax`'s output (streamed)
+  init_from_checkpoint: str | None = None   # or `llama4-convert hf-to-orbax`'s output (streamed),
+                                            #   or a training step WORKDIR/checkpoints/STEP
   compute_dtype: str = "float32"            # float32 | bfloat16: the forward/backward
   param_dtype: str = "float32"              # float32 | bfloat16: stored params (the optimizer
   remat: bool = False                       #   state and the update math stay fp32)

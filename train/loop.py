@@ -25,6 +25,7 @@ from train import pretrain
 from train import step as step_lib
 from train import tokenizer as tokenizer_lib
 import sharding
+from train import config as config_lib
 from train.config import RunConfig, to_dict
 
 
@@ -41,13 +42,7 @@ def initial_params(cfg: RunConfig, model_cfg: l4.Config, shardings,
                    table: metap.Table | None = None) -> dict:
   dtype = jnp.dtype(cfg.model.param_dtype)
   if cfg.model.init_from_checkpoint is not None:  # restored shard by shard onto `shardings`
-    path = Path(cfg.model.init_from_checkpoint)
-    hf_config = json.loads((path / "config.json").read_text())
-    _check_same_model("init_from_checkpoint", str(path), model_cfg, from_hf(hf_config))
-    abstract = jax.eval_shape(lambda: l4.init_params(model_cfg, jax.random.key(0), dtype))
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          abstract, shardings)
-    return ocp.StandardCheckpointer().restore((path / "params").absolute(), target)
+    return _restore_params(Path(cfg.model.init_from_checkpoint), model_cfg, shardings, dtype)
   if cfg.model.init_from_hf is None:  # the MetaP table scales each tensor's init std
     table = table or resolve_table(cfg, model_cfg)
     init = jax.jit(lambda key: metap.init_params(model_cfg, table, key, dtype),
@@ -61,6 +56,29 @@ def initial_params(cfg: RunConfig, model_cfg: l4.Config, shardings,
   elif "vision" not in params:
     raise ValueError(f"model.multimodal is true but {cfg.model.init_from_hf} has no vision tower")
   return jax.device_put(params, shardings)
+
+
+def _restore_params(path: Path, model_cfg: l4.Config, shardings, dtype) -> dict:
+  """Params from `llama4-convert hf-to-orbax`'s CKPT_DIR, or from a training checkpoint step
+  `WORKDIR/checkpoints/STEP` (params only, cast to `dtype`: how a stage starts from the last)."""
+  abstract = jax.eval_shape(lambda: l4.init_params(model_cfg, jax.random.key(0), dtype))
+  if isinstance(shardings, jax.sharding.Sharding):  # one sharding for every leaf
+    shardings = jax.tree.map(lambda _: shardings, abstract)
+  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        abstract, shardings)
+  if (path / "config.json").is_file():
+    hf_config = json.loads((path / "config.json").read_text())
+    _check_same_model("init_from_checkpoint", str(path), model_cfg, from_hf(hf_config))
+    return ocp.StandardCheckpointer().restore((path / "params").absolute(), target)
+  if not ((path / "state").is_dir() and (path.parent / "run.json").is_file()):
+    raise FileNotFoundError(f"model.init_from_checkpoint={path}: neither a converted checkpoint "
+                            f"(config.json + params/) nor a training step (state/, ../run.json)")
+  run = config_lib.from_dict(RunConfig, json.loads((path.parent / "run.json").read_text()))
+  _check_same_model("init_from_checkpoint", str(path), model_cfg, run.model.build())
+  args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
+  restore = ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": args},
+                                   partial_restore=True)
+  return ocp.PyTreeCheckpointer().restore((path / "state").absolute(), args=restore)["params"]
 
 
 def _check_vocab(tok, model_cfg: l4.Config) -> None:
