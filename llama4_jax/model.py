@@ -32,9 +32,13 @@ class Hooks(NamedTuple):
   moe_fn: computes an MoE sublayer (`sharding.expert` passes an expert-parallel one).
   constrain: (activation, its logical axes) -> activation; `sharding` passes a sharding constraint,
     applied at block boundaries, around the MoE and on the logits.
+  weights: one layer's params (as scanned) -> its plain weight arrays, at the start of the layer
+    (inside remat): where adapters are added or quantized weights dequantized (train/lora.py), one
+    layer at a time.
   """
   moe_fn: moe.MoeFn = moe.moe
   constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] = layers.unconstrained
+  weights: Callable[[dict], dict] = lambda p: p
 
 
 def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot: int,
@@ -63,7 +67,7 @@ def _decoder(cfg: TextConfig, blocks: list, x: jax.Array, ctx: attention.Context
   period = len(blocks)
 
   def block(p, x, ctx, kv, slot):
-    return _block(p, x, ctx, cfg, slot, kv, hooks)
+    return _block(hooks.weights(p), x, ctx, cfg, slot, kv, hooks)
   if remat:  # per layer: the backward holds one layer's intermediates at a time
     block = jax.checkpoint(block, static_argnums=(4,))
 

@@ -34,6 +34,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "vision_mlp": ("expert", "tensor"),
     "vision_proj": ("fsdp", "expert"),
     "bias": (),
+    "lora_rank": (),  # LoRA adapters (train/lora.py): their other axis follows the weight's
     # activations (the model's `ACTIVATION_AXES`, logits): the batch as above, the residual
     # stream's width replicated (fsdp shards weights, not activations)
     "seq": ("context",),

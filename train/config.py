@@ -185,6 +185,30 @@ class DPOConfig:
       raise ValueError(f"dpo.beta must be positive, got {self.beta}")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up",
+                "shared_down", "router")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA / QLoRA (train/lora.py): only adapters train; the base is frozen (int4 when quantize)."""
+  rank: int = 16
+  alpha: float = 32.0                       # adapters scaled by alpha / rank
+  targets: tuple[str, ...] = LORA_TARGETS[:-1]  # block weights: gate/up/down = dense MLP and
+                                            #   every routed expert; shared_* = the shared expert
+  quantize: bool = False                    # QLoRA: frozen block matrices in int4
+  group_size: int = 64                      # int4 values per bf16 scale (along the last axis)
+
+  def __post_init__(self):
+    if self.rank < 1 or self.alpha <= 0:
+      raise ValueError(f"lora.rank must be >= 1 and lora.alpha > 0, got {self.rank}, {self.alpha}")
+    bad = sorted(set(self.targets) - set(LORA_TARGETS))
+    if bad or not self.targets:
+      raise ValueError(f"lora.targets: unknown {bad or 'none given'}; valid: {list(LORA_TARGETS)}")
+    if self.group_size < 2 or self.group_size % 2:
+      raise ValueError(f"lora.group_size must be an even number >= 2, got {self.group_size}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   workdir: str = "workdirs/quickstart"
@@ -198,6 +222,7 @@ class RunConfig:
   optim: OptimConfig = OptimConfig()
   metap: MetaPConfig = MetaPConfig()
   dpo: DPOConfig | None = None              # set: DPO on preference pairs instead of next-token loss
+  lora: LoraConfig | None = None            # set: train LoRA/QLoRA adapters on a frozen base
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig(data=-1)  # all devices data-parallel
 

@@ -1,5 +1,6 @@
 """`llama4-convert hf-to-orbax HF_DIR CKPT_DIR [--dtype bf16]` and
-`llama4-convert orbax-to-hf CKPT HF_DIR`: streaming conversion for models larger than RAM.
+`llama4-convert orbax-to-hf CKPT HF_DIR`: streaming conversion for models larger than RAM;
+`llama4-convert merge-lora WORKDIR/checkpoints/STEP CKPT_DIR`: LoRA adapters merged into the base.
 
 One HF tensor, or one layer's row of a stacked (scanned) array, is in memory at a time: stacked
 arrays are zarr arrays chunked by layer row and written/read row by row with tensorstore, and HF
@@ -137,6 +138,10 @@ class _Source:
       from train import config as run_config  # the run's recipe says which model it trained
       recipe = json.loads((path.parent / "run.json").read_text())
       run = run_config.from_dict(run_config.RunConfig, recipe)
+      if run.lora is not None:
+        raise hf_io.CheckpointError(
+            f"{path} is a LoRA run's step (adapters only): merge it into its base first with "
+            f"`llama4-convert merge-lora {path} CKPT_DIR`, then convert CKPT_DIR")
       self.hf_config, self.cfg = None, run.model.build()
       self.item, self.names = path / "state", "params."
     else:
@@ -213,6 +218,37 @@ def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = 
   return out
 
 
+def merge_lora(step_dir, out_dir, dtype=None) -> Path:
+  """A LoRA (or QLoRA) training step merged into its base -> CKPT_DIR (config.json + params/), the
+  format `orbax-to-hf` converts and `model.init_from_checkpoint` starts from. In host memory."""
+  import orbax.checkpoint as ocp
+  from train import config as run_config, loop
+  step_dir = Path(step_dir)
+  if not (step_dir.parent / "run.json").is_file():
+    raise hf_io.CheckpointError(f"{step_dir}: not a training step (no run.json beside it)")
+  run = run_config.from_dict(run_config.RunConfig,
+                             json.loads((step_dir.parent / "run.json").read_text()))
+  if run.lora is None:
+    raise hf_io.CheckpointError(f"{step_dir}: not a LoRA run (its recipe has no lora section)")
+  cfg = run.model.build()
+  dtype = dtype or np.dtype(run.model.param_dtype)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = loop._restore_params(step_dir, cfg, sharding, dtype)
+  out = Path(out_dir)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:  # closing waits for the write
+      checkpointer.save((tmp / "params").absolute(), params)
+    hf_config = config_lib.to_hf(cfg, dtype=hf_io.DTYPE_NAMES[np.dtype(dtype)])
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    hf_io.replace_dir(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
 def _write_hf(out: Path, shards: list[list], produce: dict, progress: bool) -> None:
   total = sum(int(np.prod(e[1])) * e[2].itemsize for shard in shards for e in shard)
   names = ([hf_io.SINGLE] if len(shards) == 1 else
@@ -246,10 +282,17 @@ def main(argv=None) -> int:
   b.add_argument("src")
   b.add_argument("dst")
   b.add_argument("--max-shard-gb", type=float, default=5.0)
+  c = sub.add_parser("merge-lora", help="a LoRA/QLoRA run's WORKDIR/checkpoints/STEP -> CKPT_DIR "
+                                         "(base + adapters)")
+  c.add_argument("src")
+  c.add_argument("dst")
+  c.add_argument("--dtype", choices=sorted(DTYPES), help="default: the run's param_dtype")
   args = parser.parse_args(argv)
   try:
     if args.command == "hf-to-orbax":
       out = hf_to_orbax(args.src, args.dst, DTYPES.get(args.dtype))
+    elif args.command == "merge-lora":
+      out = merge_lora(args.src, args.dst, DTYPES.get(args.dtype))
     else:
       out = orbax_to_hf(args.src, args.dst, int(args.max_shard_gb * 2**30))
   except (hf_io.CheckpointError, ValueError, OSError) as e:

@@ -90,7 +90,7 @@ def make_loss(model_cfg: l4.Config, beta: float, compute_dtype=jnp.float32, rema
   """loss_fn(params, batch) -> (summed loss, (pairs, metrics)) for `step.make_train_step`; batch
   holds the pair rows and `ref_logps` [B, 2]."""
   def loss_fn(params, batch):
-    p = jax.tree.map(lambda a: a.astype(compute_dtype), params)
+    p = pretrain.cast(params, compute_dtype)
     logps, out = sequence_logps(model_cfg, p, *both(batch), remat=remat, hooks=hooks)
     chosen, rejected = jnp.split(logps, 2)
     margin = beta * ((chosen - batch["ref_logps"][:, 0]) - (rejected - batch["ref_logps"][:, 1]))

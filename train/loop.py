@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import llama4_jax as l4
 from llama4_jax.config import from_hf, text_to_hf
-from train import chat, checkpoint, data, dpo, metap, metrics as metrics_lib, mmdata, optim
+from train import chat, checkpoint, data, dpo, lora, metap, metrics as metrics_lib, mmdata, optim
 from train import pretrain
 from train import step as step_lib
 from train import tokenizer as tokenizer_lib
@@ -75,6 +75,21 @@ def _restore_params(path: Path, model_cfg: l4.Config, shardings, dtype) -> dict:
                             f"(config.json + params/) nor a training step (state/, ../run.json)")
   run = config_lib.from_dict(RunConfig, json.loads((path.parent / "run.json").read_text()))
   _check_same_model("init_from_checkpoint", str(path), model_cfg, run.model.build())
+  if run.lora is None:
+    return _restore_trained(path, target)
+  # a LoRA run: its own starting params (frozen, as it trained them) + its adapters, merged
+  base = lora.freeze(initial_params(run, model_cfg, shardings), run.lora)
+  first = jax.tree.leaves(shardings)[0]
+  replicated = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
+  adapters = _restore_trained(path, jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=replicated),
+      lora.adapter_specs(model_cfg, run.lora), is_leaf=l4.is_spec))
+  merge = jax.jit(lambda a, b: lora.merge(a, b, run.lora, dtype), out_shardings=shardings)
+  return merge(adapters, base)
+
+
+def _restore_trained(path: Path, target):
+  """The `params` of a training step's state (the optimizer state is not read)."""
   args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
   restore = ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": args},
                                    partial_restore=True)
@@ -122,7 +137,7 @@ def _dpo_data(cfg: RunConfig, t, workdir: Path):
       raise ValueError(f"{ref_file} holds {ref.shape[0]} pairs' reference log-probs but the data "
                        f"has {len(pairs)}: the data changed since this run started")
   else:
-    params = initial_params(cfg, t.model_cfg, t.state_shardings.params, t.table)
+    params = initial_params(cfg, t.model_cfg, sharding.param_shardings(t.model_cfg, t.mesh), t.table)
     ref = dpo.reference_logps(t.model_cfg, params, dpo.pair_batches(
         pairs, tok, cfg.data.seq_len, cfg.data.batch_size))
     if jax.process_index() == 0:
@@ -167,31 +182,66 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
     raise ValueError("mesh.context > 1 (sequence parallelism) is not available in this version")
   mesh = sharding.make_mesh(cfg.mesh)
   table = resolve_table(cfg, model_cfg)
-  tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps, cfg.model.frozen(), table)
-  param_sh = sharding.param_shardings(model_cfg, mesh)
   param_dtype = jnp.dtype(cfg.model.param_dtype)
-  abstract = jax.eval_shape(
-      lambda: step_lib.init_state(l4.init_params(model_cfg, jax.random.key(0), param_dtype), tx))
-  state_sh = step_lib.TrainState(NamedSharding(mesh, P()), param_sh,
-                                 sharding.state_shardings(tx, abstract.opt_state, param_sh, mesh))
-  if cfg.dpo is not None:
-    loss_fn = dpo.make_loss(model_cfg, cfg.dpo.beta, jnp.dtype(cfg.model.compute_dtype),
-                            cfg.model.remat, sharding.hooks(mesh))
+  base = jax.eval_shape(lambda: l4.init_params(model_cfg, jax.random.key(0), param_dtype))
+  hooks, combine, frozen_sh = sharding.hooks(mesh), None, None
+  if cfg.lora is None:
+    tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps, cfg.model.frozen(), table)
+    param_sh, params = sharding.param_shardings(model_cfg, mesh), base
   else:
-    loss_fn = pretrain.make_loss(model_cfg, jnp.dtype(cfg.model.compute_dtype), cfg.model.remat,
-                                 cfg.optim.z_loss, cfg.optim.load_balance, sharding.hooks(mesh),
-                                 cfg.optim.loss_chunk, cfg.model.frozen())
+    _check_lora(cfg)
+    tx, lr = lora.optimizer(cfg.optim, cfg.steps)
+    param_sh = lora.adapter_shardings(model_cfg, cfg.lora, mesh, sharding.spec_for)
+    params = jax.eval_shape(lambda: lora.init_adapters(model_cfg, cfg.lora, jax.random.key(0)))
+    frozen_sh = lora.frozen_shardings(jax.eval_shape(lambda b: lora.freeze(b, cfg.lora), base),
+                                      model_cfg, mesh, sharding.spec_for)
+    hooks = hooks._replace(weights=lora.materialize)
+    combine = lambda adapters, frozen: lora.combine(adapters, frozen, cfg.lora)
+  abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)  # no frozen: not saved
+  state_sh = step_lib.TrainState(NamedSharding(mesh, P()), param_sh,
+                                 sharding.state_shardings(tx, abstract.opt_state, param_sh, mesh),
+                                 frozen_sh)
+  compute = jnp.dtype(cfg.model.compute_dtype)
+  if cfg.dpo is not None:
+    loss_fn = dpo.make_loss(model_cfg, cfg.dpo.beta, compute, cfg.model.remat, hooks)
+  else:
+    loss_fn = pretrain.make_loss(model_cfg, compute, cfg.model.remat, cfg.optim.z_loss,
+                                 cfg.optim.load_balance, hooks, cfg.optim.loss_chunk,
+                                 cfg.model.frozen())
   batch_sh = sharding.batch_sharding(mesh)
   train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum), state_sh, batch_sh)
+      step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum, combine), state_sh, batch_sh)
   return Trainer(model_cfg, table, mesh, batch_sh, state_sh, abstract, tx, loss_fn, train_step)
+
+
+def _check_lora(cfg: RunConfig) -> None:
+  if cfg.model.frozen():
+    raise ValueError("lora with model.freeze_*: LoRA already freezes the whole base")
+  if cfg.metap.preset != "sp":
+    raise ValueError(f"lora with metap.preset={cfg.metap.preset!r}: the adapters take the plain "
+                     f"optim settings (use metap.preset: sp)")
 
 
 def initial_state(cfg: RunConfig, t: Trainer, params=None) -> step_lib.TrainState:
   # every leaf placed as the step's outputs will be: otherwise step 1 retraces
   if params is None:
-    params = initial_params(cfg, t.model_cfg, t.state_shardings.params, t.table)
-  return jax.device_put(step_lib.init_state(params, t.tx), t.state_shardings)
+    params = initial_params(cfg, t.model_cfg, sharding.param_shardings(t.model_cfg, t.mesh),
+                            t.table)
+  if cfg.lora is None:
+    return jax.device_put(step_lib.init_state(params, t.tx), t.state_shardings)
+  adapters = jax.jit(lambda k: lora.init_adapters(t.model_cfg, cfg.lora, k),
+                     out_shardings=t.state_shardings.params)(jax.random.key(cfg.seed + 1))
+  state = step_lib.init_state(adapters, t.tx, _freeze(cfg, t, params))
+  return jax.device_put(state, t.state_shardings)
+
+
+def _freeze(cfg: RunConfig, t: Trainer, params=None):
+  """LoRA's frozen tree (the base, int4 for QLoRA), from the run's init source."""
+  if params is None:
+    params = initial_params(cfg, t.model_cfg, sharding.param_shardings(t.model_cfg, t.mesh),
+                            t.table)
+  return jax.jit(lambda p: lora.freeze(p, cfg.lora),
+                 out_shardings=t.state_shardings.frozen)(params)
 
 
 def _resume_or_start(cfg: RunConfig, t: Trainer, ckpt, data_iter, params=None):
@@ -202,8 +252,9 @@ def _resume_or_start(cfg: RunConfig, t: Trainer, ckpt, data_iter, params=None):
     return 0, initial_state(cfg, t, params)
   # restored straight into this run's shardings, whatever mesh saved it
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        t.abstract_state, t.state_shardings)
-  return start, ckpt.restore(start, target, data_iter)
+                        t.abstract_state, t.state_shardings.replace(frozen=None))
+  state = ckpt.restore(start, target, data_iter)
+  return start, state if cfg.lora is None else state.replace(frozen=_freeze(cfg, t, params))
 
 
 def _log_table(table: metap.Table, workdir: Path) -> None:
@@ -262,13 +313,13 @@ def run(cfg: RunConfig) -> dict:
     if pending is not None:
       record = flush(pending)
     pending = (n, m)
-    ckpt.save(n + 1, state, data_iter, force=sigterm.received)
+    ckpt.save(n + 1, state.replace(frozen=None), data_iter, force=sigterm.received)
     if sigterm.received:
       break
   if pending is not None:
     record = flush(pending)
   if ckpt.latest_step() != int(state.step):
-    ckpt.save(int(state.step), state, data_iter, force=True)
+    ckpt.save(int(state.step), state.replace(frozen=None), data_iter, force=True)
   for closable in (ckpt, sinks, bar, data_iter):
     closable.close()
   if cfg.report and jax.process_index() == 0 and not sigterm.received:

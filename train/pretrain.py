@@ -26,6 +26,12 @@ def forward(model_cfg: l4.Config, params, batch: dict, remat: bool, hooks: l4.Ho
   return l4.model.run(t, params, x, ctx, remat=remat, hooks=hooks, with_head=False)
 
 
+def cast(params, dtype):
+  """Floating leaves in `dtype`; integer ones (QLoRA's packed int4) as they are."""
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                      params)
+
+
 def make_loss(model_cfg: l4.Config, compute_dtype, remat: bool, z_loss: float,
               load_balance: float, hooks: l4.Hooks = l4.Hooks(), loss_chunk: int = 0,
               frozen: tuple[str, ...] = ()):
@@ -37,7 +43,7 @@ def make_loss(model_cfg: l4.Config, compute_dtype, remat: bool, z_loss: float,
   def loss_fn(params, batch):
     params = {n: jax.lax.stop_gradient(v) if n in frozen else v for n, v in params.items()}
     # params are the optimizer's copy (fp32 or bf16); the forward runs in compute_dtype
-    p = jax.tree.map(lambda a: a.astype(compute_dtype), params)
+    p = cast(params, compute_dtype)
     out = forward(model_cfg, p, batch, remat, hooks)
     targets, weights = losses.next_token_targets(batch)
     total, metrics = losses.chunked_cross_entropy(lambda x: l4.model.head(model_cfg.text, p, x),

@@ -1,6 +1,8 @@
 """The train state and THE train step, shared by every stage: stages only change the loss.
 
 `make_train_step(loss_fn, tx, lr)` returns `train_step(state, batch) -> (state, metrics)`;
+with `combine`, the loss sees `combine(params, state.frozen)` (LoRA: adapters on a frozen base that
+gets no gradient and no optimizer state);
 `jit_train_step` jits it once with explicit shardings and a donated state. `loss_fn(params, batch)`
 returns `(loss_sum, (normalizer, metrics))`: sums over the (micro)batch, so gradient accumulation
 over microbatches gives exactly the full-batch gradient of loss_sum / normalizer. Metric keys
@@ -21,20 +23,23 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  frozen: Any = None  # not trained, not checkpointed (LoRA's base): rebuilt from the init source
 
 
 def _f32(tree):
   return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
 
 
-def init_state(params, tx) -> TrainState:
+def init_state(params, tx, frozen=None) -> TrainState:
   """Params in their own dtype (fp32 or bf16); the optimizer state is always fp32."""
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(_f32(params)))
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(_f32(params)), frozen)
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr: optax.Schedule,
-                    grad_accum: int = 1) -> Callable:
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+                    grad_accum: int = 1, combine: Callable | None = None) -> Callable:
+  def full_loss(params, batch, frozen):
+    return loss_fn(params if combine is None else combine(params, frozen), batch)
+  grad_fn = jax.value_and_grad(full_loss, has_aux=True)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     TRACE_COUNT["train_step"] += 1
@@ -42,11 +47,11 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr: opt
                          batch)
 
     def accumulate(carry, mb):
-      (loss, (n, metrics)), grads = grad_fn(state.params, mb)
+      (loss, (n, metrics)), grads = grad_fn(state.params, mb, state.frozen)
       return jax.tree.map(jnp.add, carry, (loss, n, metrics, _f32(grads))), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    (loss, (n, metrics)), grads = grad_fn(state.params, first)
+    (loss, (n, metrics)), grads = grad_fn(state.params, first, state.frozen)
     grads = _f32(grads)  # accumulated and applied in fp32 whatever the params' dtype
     if grad_accum > 1:
       rest = jax.tree.map(lambda x: x[1:], micro)
@@ -62,7 +67,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr: opt
            "lr": lr(state.step)}
     for k, v in metrics.items():
       out[k[:-4] if k.endswith("_sum") else k] = v / denom if k.endswith("_sum") else v
-    return TrainState(state.step + 1, params, opt_state), out
+    return TrainState(state.step + 1, params, opt_state, state.frozen), out
 
   return train_step
 

@@ -1,0 +1,207 @@
+"""LoRA and QLoRA fine-tuning on the shared train step.
+
+The trained params are only the adapters: for each targeted block matrix W (attention q/k/v/o, the
+dense MLP, every routed expert and the shared expert) a pair A [In, r], B [r, Out] (one pair per
+expert for expert weights), with W' = W + (alpha / r) * A @ B reshaped to W. A starts normal(1/In),
+B at zero: the model starts exactly at the base. The base is the train state's `frozen` tree: no
+gradient, no optimizer state, never checkpointed (it is rebuilt from the run's init source on
+resume). QLoRA stores the frozen block matrices as int4 (two per byte, one bf16 scale per group of
+`group_size` along the last axis) and dequantizes them one layer at a time inside the scan.
+
+The model knows none of this: `Lora` and `QTensor` leaves reach it through `l4.Hooks.weights`,
+which turns a layer's params into plain weights at the start of the layer (inside remat, so the
+backward recomputes them instead of storing them).
+"""
+import math
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import llama4_jax as l4
+from train import optim
+from train.config import LoraConfig, OptimConfig
+
+
+@flax.struct.dataclass
+class QTensor:
+  """A weight in int4: `packed` uint8 [..., n/2] (low nibble = even index, value + 8) and `scale`
+  [..., n/group] (absmax/7 rounded up to bf16): |w - dequantize(q)| <= scale/2 elementwise."""
+  packed: jax.Array
+  scale: jax.Array
+  group: int = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class Lora:
+  """A base weight (array or QTensor) with its adapter pair."""
+  w: Any
+  a: jax.Array
+  b: jax.Array
+  scale: float = flax.struct.field(pytree_node=False)
+
+
+def _group(name: str, n: int, group: int) -> int:
+  g = min(group, n)
+  if n % g or g % 2:
+    raise ValueError(f"{name}: last axis {n} cannot be split into int4 groups of {group} (and "
+                     f"pairs of nibbles); set lora.group_size to an even divisor of {n}")
+  return g
+
+
+def quantize(w: jax.Array, group: int, name: str = "weight") -> QTensor:
+  """Symmetric absmax int4 over groups of `group` along the last axis."""
+  n = w.shape[-1]
+  g = _group(name, n, group)
+  x = w.astype(jnp.float32).reshape(*w.shape[:-1], n // g, g)
+  absmax = jnp.max(jnp.abs(x), axis=-1)
+  # rounded *up* into bf16, so |x / scale| <= 7 and nothing clips
+  scale = (absmax / 7 * (1 + 2.0 ** -7)).astype(jnp.bfloat16)
+  scale = jnp.where(absmax > 0, scale, jnp.ones_like(scale))
+  q = jnp.clip(jnp.round(x / scale.astype(jnp.float32)[..., None]), -8, 7)
+  u = (q.reshape(w.shape) + 8).astype(jnp.uint8)
+  return QTensor(u[..., 0::2] | (u[..., 1::2] << 4), scale, g)
+
+
+def dequantize(q: QTensor, dtype=jnp.float32) -> jax.Array:
+  lo, hi = q.packed & 0xF, q.packed >> 4
+  vals = jnp.stack([lo, hi], axis=-1).reshape(*q.packed.shape[:-1], -1).astype(jnp.int32) - 8
+  grouped = vals.reshape(*vals.shape[:-1], -1, q.group).astype(jnp.float32)
+  w = grouped * q.scale.astype(jnp.float32)[..., None]
+  return w.reshape(vals.shape).astype(dtype)
+
+
+def _dense(x, dtype=None):
+  if isinstance(x, QTensor):
+    return dequantize(x, dtype or x.scale.dtype)
+  if isinstance(x, Lora):
+    w = _dense(x.w, x.a.dtype)
+    delta = jnp.matmul(x.a, x.b).reshape(w.shape)  # [(E,) In, r] @ [(E,) r, Out]
+    return w.astype(x.a.dtype) + (x.scale * delta).astype(x.a.dtype)
+  return x
+
+
+def _is_wrapped(x) -> bool:
+  return isinstance(x, (QTensor, Lora))
+
+
+def materialize(params):
+  """Plain weights from a tree with `Lora`/`QTensor` leaves (`l4.Hooks.weights`); the merge."""
+  return jax.tree.map(_dense, params, is_leaf=_is_wrapped)
+
+
+def _targeted(path, cfg_targets) -> bool:
+  return getattr(path[-1], "key", None) in cfg_targets
+
+
+def adapter_specs(model_cfg: l4.Config, cfg: LoraConfig) -> dict:
+  """{"blocks": [per slot: {name: {"a": ParamSpec, "b": ParamSpec}} (nested as the params)]}."""
+  def pair(spec: l4.ParamSpec):
+    lead = 2 if spec.axes[1] == "expert" else 1
+    n_in = len(spec.fan_in)
+    dims, axes = spec.shape[lead:], spec.axes[lead:]
+    d_in, d_out = math.prod(dims[:n_in]), math.prod(dims[n_in:])
+    std = d_in ** -0.5
+    a = l4.ParamSpec((*spec.shape[:lead], d_in, cfg.rank), (*spec.axes[:lead], axes[0], "lora_rank"),
+                     lambda k, s, dt: (std * jax.random.normal(k, s, jnp.float32)).astype(dt))
+    b = l4.ParamSpec((*spec.shape[:lead], cfg.rank, d_out),
+                     (*spec.axes[:lead], "lora_rank", axes[n_in]),
+                     lambda k, s, dt: jnp.zeros(s, dt))
+    return {"a": a, "b": b}
+
+  def slot(block: dict) -> dict:
+    out = {}
+    for name, v in block.items():
+      if isinstance(v, dict):
+        sub = slot(v)
+        if sub:
+          out[name] = sub
+      elif name in cfg.targets:
+        out[name] = pair(v)
+    return out
+  blocks = [slot(b) for b in l4.param_specs(model_cfg)["blocks"]]
+  if not any(blocks):
+    raise ValueError(f"lora.targets={list(cfg.targets)} match no weight of this model")
+  return {"blocks": blocks}
+
+
+def init_adapters(model_cfg: l4.Config, cfg: LoraConfig, key: jax.Array) -> dict:
+  leaves, treedef = jax.tree.flatten(adapter_specs(model_cfg, cfg), is_leaf=l4.is_spec)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [s.init(k, s.shape, jnp.float32)
+                                      for s, k in zip(leaves, keys)])
+
+
+def freeze(base: dict, cfg: LoraConfig) -> dict:
+  """The frozen tree: `base`, with every block matrix int4 when cfg.quantize (QLoRA); the
+  embedding, norms, router and LM head stay in their dtype."""
+  if not cfg.quantize:
+    return base
+
+  def leaf(path, w):
+    name = jax.tree_util.keystr(path)
+    if getattr(path[-1], "key", None) in QUANTIZED:
+      return quantize(w, cfg.group_size, name)
+    return w
+  return {**base, "blocks": jax.tree_util.tree_map_with_path(leaf, base["blocks"])}
+
+
+QUANTIZED = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+
+
+def combine(adapters: dict, frozen: dict, cfg: LoraConfig) -> dict:
+  """The model's params: the frozen tree with each targeted leaf a `Lora` of (base, a, b)."""
+  scale = cfg.alpha / cfg.rank
+
+  def wrap(base: dict, ad: dict) -> dict:
+    out = dict(base)
+    for k, v in ad.items():
+      out[k] = Lora(base[k], v["a"], v["b"], scale) if set(v) == {"a", "b"} else wrap(base[k], v)
+    return out
+  return {**frozen, "blocks": [wrap(b, a) for b, a in zip(frozen["blocks"], adapters["blocks"])]}
+
+
+def merge(adapters: dict, frozen: dict, cfg: LoraConfig, dtype=jnp.float32) -> dict:
+  """Plain params: base (dequantized) + adapters, in `dtype` — a model for export or a next stage."""
+  merged = materialize(combine(adapters, frozen, cfg))
+  return jax.tree.map(lambda a: a.astype(dtype), merged)
+
+
+def frozen_shardings(frozen_abstract: dict, model_cfg: l4.Config, mesh, spec_for) -> dict:
+  """Shardings of the frozen tree: a QTensor's packed/scale arrays keep the weight's axes."""
+  axes = l4.param_axes(model_cfg)
+  mesh_shape = dict(mesh.shape)
+
+  def one(path, x, ax):
+    return jax.sharding.NamedSharding(mesh, spec_for(jax.tree_util.keystr(path), x.shape, ax,
+                                                     mesh_shape))
+
+  def leaf(path, x, ax):
+    if isinstance(x, QTensor):
+      return QTensor(one(path, x.packed, ax), one(path, x.scale, ax), x.group)
+    return one(path, x, ax)
+  return jax.tree_util.tree_map_with_path(leaf, frozen_abstract, axes,
+                                          is_leaf=_is_wrapped)
+
+
+def adapter_shardings(model_cfg: l4.Config, cfg: LoraConfig, mesh, spec_for) -> dict:
+  mesh_shape = dict(mesh.shape)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: jax.sharding.NamedSharding(
+          mesh, spec_for(jax.tree_util.keystr(path), s.shape, s.axes, mesh_shape)),
+      adapter_specs(model_cfg, cfg), is_leaf=l4.is_spec)
+
+
+def optimizer(g: OptimConfig, total_steps: int):
+  """(AdamW over the adapters, lr schedule): clipping, the run's schedule, decay on A and B."""
+  schedule_fn = optim.schedule(g, total_steps)
+  tx = optax.chain(optax.clip_by_global_norm(g.clip_norm),
+                   optax.adamw(schedule_fn, g.b1, g.b2, g.eps, weight_decay=g.weight_decay))
+  return tx, schedule_fn
+
+
+def nbytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
