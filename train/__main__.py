@@ -1,5 +1,7 @@
 """`llama4-train CONFIG.yaml [--set a.b=value ...]`, `llama4-train --report WORKDIR`.
 
+CONFIG.yaml is a recipe (one run) or a `pipeline:` of stages (train/pipeline.py).
+
 Multi-host: start one process per host with `--distributed` (SLURM, Open MPI, TPU pods and GKE are
 detected by `jax.distributed`) or with `--coordinator HOST:PORT --num-processes N --process-id I`.
 """
@@ -32,14 +34,23 @@ def main(argv=None) -> int:
     return 0
   if args.config is None:
     parser.error("a CONFIG.yaml is required (or --report WORKDIR)")
+  from train import pipeline
   try:
-    cfg = config_lib.load(args.config, tuple(args.set))
+    recipe = config_lib.read_yaml(args.config)
+    staged = "pipeline" in recipe
+    if staged:
+      pipeline.stages(recipe, tuple(args.set))  # every stage checked before anything starts
+    else:
+      cfg = config_lib.load(args.config, tuple(args.set))
   except (config_lib.ConfigError, FileNotFoundError) as e:
     print(f"llama4-train: {e}", file=sys.stderr)
     return 2
   if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
     import jax
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  if staged:
+    pipeline.run(recipe, tuple(args.set))
+    return 0
   from train import loop
   record = loop.run(cfg)
   if record:

@@ -69,6 +69,15 @@ class Renderer:
   def _encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids
 
+  def prompt(self, messages: list[dict]) -> list[int]:
+    """The conversation followed by an open assistant header: what a policy continues."""
+    ids = [self.begin]
+    for m in messages:
+      ids += [self.header_start, *self._encode(m["role"]), self.header_end, *self._encode("\n\n"),
+              *self._encode(m["content"].strip()), self.eot]
+    return ids + [self.header_start, *self._encode("assistant"), self.header_end,
+                  *self._encode("\n\n")]
+
   def __call__(self, messages: list[dict]) -> dict:
     ids, mask = [self.begin], [0]
     for m in messages:

@@ -185,6 +185,31 @@ class DPOConfig:
       raise ValueError(f"dpo.beta must be positive, got {self.beta}")
 
 
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """Online RL, GRPO-style (train/rl.py): data.paths are {"prompt", "answer"} JSONL (or the
+  embedded task); data.batch_size rows per step = prompts x group_size."""
+  group_size: int = 8                       # completions sampled per prompt
+  max_new_tokens: int = 8                   # completion length (data.seq_len covers prompt + it)
+  temperature: float = 1.0                  # 0: greedy
+  top_p: float = 1.0
+  clip_eps: float = 0.2                     # PPO ratio clip
+  kl_coef: float = 0.02                     # k3 KL to the reference (the starting policy)
+  max_rounds: int = 4                       # sampling rounds per step to fill the batch with
+                                            #   prompts whose group rewards differ
+
+  def __post_init__(self):
+    if self.group_size < 2:
+      raise ValueError(f"rl.group_size must be >= 2 (advantages are group-relative), got "
+                       f"{self.group_size}")
+    if self.temperature < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"rl.temperature must be >= 0 and rl.top_p in (0, 1], got "
+                       f"{self.temperature}, {self.top_p}")
+    if self.max_new_tokens < 1 or self.max_rounds < 1 or self.clip_eps <= 0 or self.kl_coef < 0:
+      raise ValueError("rl.max_new_tokens and rl.max_rounds must be >= 1, rl.clip_eps > 0 and "
+                       "rl.kl_coef >= 0")
+
+
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up",
                 "shared_down", "router")
 
@@ -223,8 +248,17 @@ class RunConfig:
   metap: MetaPConfig = MetaPConfig()
   dpo: DPOConfig | None = None              # set: DPO on preference pairs instead of next-token loss
   lora: LoraConfig | None = None            # set: train LoRA/QLoRA adapters on a frozen base
+  rl: RLConfig | None = None                # set: online RL on sampled completions (GRPO)
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig(data=-1)  # all devices data-parallel
+
+  def __post_init__(self):
+    if self.dpo is not None and self.rl is not None:
+      raise ValueError("dpo and rl are both set: a run is one stage")
+    if self.rl is not None and self.lora is not None:
+      raise ValueError("rl with lora: RL trains the full model in this version")
+    if (self.dpo is not None or self.rl is not None) and self.data.chat:
+      raise ValueError("data.chat is for SFT; dpo/rl render their own chat prompts")
 
 
 def _type_name(tp) -> str:
@@ -300,14 +334,16 @@ def _apply_override(d: dict, assignment: str) -> None:
   node[keys[-1]] = yaml.safe_load(raw)
 
 
+def read_yaml(path: str | Path) -> dict:
+  d = yaml.safe_load(Path(path).read_text()) or {}
+  if not isinstance(d, dict):
+    raise ConfigError(f"{path}: the top level must be a mapping")
+  return d
+
+
 def load(path: str | Path | None, overrides: tuple[str, ...] = ()) -> RunConfig:
   """Reads a YAML recipe (None: all defaults) and applies `--set` overrides."""
-  d: dict = {}
-  if path is not None:
-    text = Path(path).read_text()
-    d = yaml.safe_load(text) or {}
-    if not isinstance(d, dict):
-      raise ConfigError(f"{path}: the top level must be a mapping")
+  d: dict = read_yaml(path) if path is not None else {}
   for o in overrides:
     _apply_override(d, o)
   return from_dict(RunConfig, d)

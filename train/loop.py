@@ -21,6 +21,7 @@ from tqdm import tqdm
 import llama4_jax as l4
 from llama4_jax.config import from_hf, text_to_hf
 from train import chat, checkpoint, data, dpo, lora, metap, metrics as metrics_lib, mmdata, optim
+from train import rl
 from train import pretrain
 from train import step as step_lib
 from train import tokenizer as tokenizer_lib
@@ -146,6 +147,22 @@ def _dpo_data(cfg: RunConfig, t, workdir: Path):
   return iter(dpo.make_dataset(cfg.data, pairs, tok, ref, *host)), params
 
 
+def _rl_data(cfg: RunConfig, t, workdir: Path):
+  """(rollouts, starting params): prompts with checkable answers, and the starting policy, which
+  stays on the device as the KL reference (a copy: the train state donates its own)."""
+  if jax.process_count() > 1:
+    raise ValueError("rl: rollouts run in one process in this version (jax.process_count() > 1)")
+  tok = tokenizer_lib.load(cfg.data.tokenizer)
+  _check_vocab(tok, t.model_cfg)
+  if cfg.data.synthetic is None:
+    data.check_paths(cfg.data.paths)
+  paths = data.resolve_paths(cfg.data, str(workdir))
+  records = [r for path in paths for r in chat.read_jsonl(path, rl.check_prompt)]
+  params = initial_params(cfg, t.model_cfg, sharding.param_shardings(t.model_cfg, t.mesh), t.table)
+  reference = jax.tree.map(jnp.copy, params)
+  return rl.Rollouts(t.model_cfg, cfg.rl, cfg.data, records, tok, reference), params
+
+
 class _Sigterm:
   def __init__(self):
     self.received = False
@@ -204,6 +221,8 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
   compute = jnp.dtype(cfg.model.compute_dtype)
   if cfg.dpo is not None:
     loss_fn = dpo.make_loss(model_cfg, cfg.dpo.beta, compute, cfg.model.remat, hooks)
+  elif cfg.rl is not None:
+    loss_fn = rl.make_loss(model_cfg, cfg.rl, compute, cfg.model.remat, hooks)
   else:
     loss_fn = pretrain.make_loss(model_cfg, compute, cfg.model.remat, cfg.optim.z_loss,
                                  cfg.optim.load_balance, hooks, cfg.optim.loss_chunk,
@@ -271,10 +290,12 @@ def run(cfg: RunConfig) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   model_cfg = cfg.model.build()
   params = None  # set when DPO's reference pass has already loaded the starting params
-  data_iter = _data(cfg, model_cfg, workdir) if cfg.dpo is None else None
+  data_iter = _data(cfg, model_cfg, workdir) if cfg.dpo is None and cfg.rl is None else None
   t = build(cfg, model_cfg)
   if cfg.dpo is not None:
     data_iter, params = _dpo_data(cfg, t, workdir)
+  elif cfg.rl is not None:
+    data_iter, params = _rl_data(cfg, t, workdir)
   mesh, batch_sharding, train_step = t.mesh, t.batch_sharding, t.train_step
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))
   ckpt.agree("metap.json", t.table.key)  # a different proxy/preset cannot resume these
@@ -295,24 +316,28 @@ def run(cfg: RunConfig) -> dict:
 
   def flush(pending):
     nonlocal last
-    n, m = pending
+    n, m, host_metrics = pending
     fetched = jax.device_get(m)  # blocks on step n only; step n+1 is already queued
     now = time.perf_counter()
     rec = metrics_lib.to_record(n, fetched, now - last, tokens_per_step, flops_per_token, peak,
                                 mesh.size)
     last = now
+    rec.update(host_metrics)
     sinks.write(rec)
     bar.update(1)
     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     return rec
 
   for n in range(start, cfg.steps):
-    local = next(data_iter)
+    if cfg.rl is None:
+      local, host_metrics = next(data_iter), {}
+    else:  # sampled by the current policy (the previous step's params)
+      local, host_metrics = data_iter.next_batch(state.params, n)
     batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
     state, m = train_step(state, batch)
     if pending is not None:
       record = flush(pending)
-    pending = (n, m)
+    pending = (n, m, host_metrics)
     ckpt.save(n + 1, state.replace(frozen=None), data_iter, force=sigterm.received)
     if sigterm.received:
       break

@@ -1,0 +1,100 @@
+"""Staged training: `llama4-train PIPELINE.yaml` runs stages in order (pretrain -> mid-train -> SFT
+-> RL -> DPO), each starting from the previous stage's last checkpoint, and measures each stage's
+own figure before and after it.
+
+    pipeline:
+      workdir: workdirs/tiny_pipeline     # stage NAME trains in WORKDIR/NAME
+      base: {model: ..., data: ...}       # recipe keys every stage shares
+      stages:
+        - {name: pretrain, steps: 300, ...}   # recipe keys of this stage, merged over base
+        - {name: sft, data: {chat: true}, ...}
+
+A stage without `model.init_from_checkpoint` starts from the previous stage's final step. Running
+the same command again resumes: finished stages (WORKDIR/NAME/stage.json) are skipped, an
+interrupted stage resumes from its own checkpoints. Every stage is a plain recipe: its
+WORKDIR/NAME/recipe.yaml reruns it alone. Measures (train/evaluate.py) go to stage.json and the
+summary table printed at the end.
+"""
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+from train import config as config_lib
+from train.config import ConfigError, RunConfig
+
+
+def _merge(base: dict, over: dict) -> dict:
+  out = copy.deepcopy(base)
+  for k, v in over.items():
+    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def stages(d: dict, overrides: tuple[str, ...] = ()) -> list[tuple[str, RunConfig]]:
+  """[(name, recipe)] of a `pipeline:` mapping; each recipe checked as a RunConfig."""
+  p = d.get("pipeline")
+  if not isinstance(p, dict) or set(p) - {"workdir", "base", "stages"} or "stages" not in p:
+    raise ConfigError("pipeline: expected a mapping with workdir, base and stages")
+  base = dict(p.get("base") or {})
+  for o in overrides:  # --set applies to every stage
+    config_lib._apply_override(base, o)
+  workdir = Path(p.get("workdir", "workdirs/pipeline"))
+  out, previous = [], None
+  for i, s in enumerate(p["stages"]):
+    if not isinstance(s, dict) or not isinstance(s.get("name"), str):
+      raise ConfigError(f"pipeline.stages[{i}]: expected a mapping with a name")
+    name = s["name"]
+    if name in [n for n, _ in out]:
+      raise ConfigError(f"pipeline.stages[{i}]: the name {name!r} is used twice")
+    recipe = _merge(base, {k: v for k, v in s.items() if k != "name"})
+    recipe["workdir"] = str(workdir / name)
+    model = recipe.setdefault("model", {})
+    if previous is not None and not model.get("init_from_checkpoint") and not model.get("init_from_hf"):
+      model["init_from_checkpoint"] = str(workdir / previous[0] / "checkpoints" / str(previous[1]))
+    try:
+      cfg = config_lib.from_dict(RunConfig, recipe)
+    except ConfigError as e:
+      raise ConfigError(f"pipeline.stages[{i}] ({name}): {e}") from e
+    out.append((name, cfg))
+    previous = (name, cfg.steps)
+  return out
+
+
+def run(d: dict, overrides: tuple[str, ...] = ()) -> list[dict]:
+  """Runs (or resumes) every stage; returns each stage's summary."""
+  from train import evaluate, loop  # jax is imported only once the recipe is known to be valid
+  plan = stages(d, overrides)
+  summaries = []
+  for name, cfg in plan:
+    workdir = Path(cfg.workdir)
+    done = workdir / "stage.json"
+    if done.is_file():
+      print(f"[pipeline] {name}: done ({done})")
+      summaries.append(json.loads(done.read_text()))
+      continue
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "recipe.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+    print(f"[pipeline] {name}: {cfg.steps} steps in {workdir}")
+    before = evaluate.measure(cfg, evaluate.starting_params(cfg))
+    record = loop.run(cfg)
+    if not (workdir / "checkpoints" / str(cfg.steps)).is_dir():  # interrupted (SIGTERM)
+      print(f"[pipeline] {name}: stopped before step {cfg.steps}; run again to resume")
+      return summaries
+    after = evaluate.measure(cfg, evaluate.final_params(cfg))
+    summary = {"stage": name, "steps": cfg.steps, "before": before, "after": after,
+               "final_train_loss": record.get("loss")}
+    done.write_text(json.dumps(summary, indent=2))
+    summaries.append(summary)
+  print(format_summaries(summaries))
+  return summaries
+
+
+def format_summaries(summaries: list[dict]) -> str:
+  lines = ["stage        measure                       before      after"]
+  for s in summaries:
+    for k in s["before"]:
+      lines.append(f"{s['stage']:12s} {k:28s} {s['before'][k]:9.4f}  {s['after'][k]:9.4f}")
+  return "\n".join(lines)
+

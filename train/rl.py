@@ -1,0 +1,235 @@
+"""Online RL, GRPO-style (Shao et al. 2024), on the shared train step.
+
+Each step: sample `group_size` completions per prompt with the KV-cache decoder (temperature,
+top-p), score each with a verifiable reward, normalise rewards within each group (advantage =
+(r - mean) / (std + 1e-6)) and drop prompts whose group rewards are all equal (prompt filtering:
+they carry no signal); sampling rounds continue (up to `max_rounds`) until the batch is full, rows
+left empty weigh 0. The loss per completion token is the clipped policy ratio against the
+sampling policy plus `kl_coef` times the k3 estimate of KL(policy || reference), the reference
+being the starting policy; summed over completion tokens, divided by their count.
+
+A prompt record is `{"prompt": "..." | [messages], "answer": "..."}`, rendered as a user turn (or
+the given conversation) followed by an open assistant header (train/chat.py). The default reward
+is the embedded task's exact-answer check (`tasks.reward`); a reward function that raises drops
+its prompt and is counted (`reward_errors`), a non-finite reward is an error naming the prompt.
+
+Rows hold the prompt left-padded then the completion; the loss forward uses the attention-mask
+convention the decoder samples with (positions and temperature index count the pads, as HF's).
+"""
+import json
+import math
+from typing import Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import llama4_jax as l4
+from train import chat, pretrain, tasks
+from train.config import DataConfig, RLConfig
+
+
+def check_prompt(record, where: str) -> dict:
+  if not isinstance(record, dict) or "prompt" not in record or "answer" not in record:
+    raise ValueError(f"{where}: expected {{'prompt', 'answer'}}")
+  prompt = record["prompt"]
+  messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+  chat.check_record({"messages": messages + [{"role": "assistant", "content": "-"}]}, where)
+  return {"messages": messages, "answer": str(record["answer"]), "where": where}
+
+
+def pick(logits_BV: jax.Array, key, temperature: float, top_p: float) -> jax.Array:
+  """Next tokens: argmax at temperature 0, else sampled from the top-p nucleus."""
+  if temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits = logits_BV.astype(jnp.float32) / temperature
+  if top_p < 1:
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # the first token is always kept
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def sample(cfg: l4.Config, params, prompt_BP, prompt_mask_BP, key, max_new: int,
+           temperature: float, top_p: float, stop_id: int):
+  """(tokens [B, N], live [B, N]): N new tokens per left-padded prompt; `live` is 1 up to and
+  including each row's first `stop_id`."""
+  b, p = prompt_BP.shape
+  dtype = jax.tree.leaves(params)[0].dtype
+  cache = l4.init_cache(cfg, b, p + max_new, dtype)
+  logits, cache = l4.extend(cfg, params, cache, prompt_BP, prompt_mask_BP)
+
+  def step(carry, key):
+    cache, last, done = carry
+    tok = pick(last, key, temperature, top_p)
+    logits, cache = l4.extend(cfg, params, cache, tok[:, None])
+    return (cache, logits[:, -1], done | (tok == stop_id)), (tok, ~done)
+  init = (cache, logits[:, -1], jnp.zeros((b,), bool))
+  _, (toks, live) = jax.lax.scan(step, init, jax.random.split(key, max_new))
+  return toks.T, live.T.astype(jnp.int32)
+
+
+def token_logps(cfg: l4.Config, params, tokens_BT, mask_BT, remat: bool = False,
+                hooks: l4.Hooks = l4.Hooks()) -> jax.Array:
+  """log p(tokens[t] | tokens[<t]) at [B, t] for t >= 1 (column 0 is 0)."""
+  out = l4.apply(cfg, params, tokens_BT, mask_BT, remat=remat, hooks=hooks, with_head=False)
+  logits = l4.model.head(cfg.text, params, out.final)[:, :-1].astype(jnp.float32)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens_BT[:, 1:, None], -1)[..., 0]
+  return jnp.pad(logp, ((0, 0), (1, 0))), out
+
+
+# compiled once per model and shape, shared by every Rollouts
+_sample = jax.jit(sample, static_argnums=(0, 5, 6, 7, 8))
+_logps = jax.jit(token_logps, static_argnums=0)
+
+
+def make_loss(model_cfg: l4.Config, cfg: RLConfig, compute_dtype=jnp.float32, remat: bool = False,
+              hooks: l4.Hooks = l4.Hooks()):
+  """loss_fn(params, batch) -> (summed loss, (completion tokens, metrics))."""
+  def loss_fn(params, batch):
+    p = pretrain.cast(params, compute_dtype)
+    logp, out = token_logps(model_cfg, p, batch["tokens"], batch["attention_mask"], remat, hooks)
+    mask = batch["completion_mask"].astype(jnp.float32)
+    ratio = jnp.exp(logp - batch["old_logps"])
+    adv = batch["advantages"][:, None]
+    clipped = jnp.clip(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
+    policy = -jnp.minimum(ratio * adv, clipped * adv)
+    d = batch["ref_logps"] - logp
+    kl = jnp.exp(d) - d - 1
+    n = jnp.sum(mask)
+    return jnp.sum((policy + cfg.kl_coef * kl) * mask), (n, {
+        "kl_sum": jnp.sum(kl * mask),
+        "clipped_sum": jnp.sum((jnp.abs(ratio - 1) > cfg.clip_eps) * mask),
+        "expert_counts": out.expert_counts})
+  return loss_fn
+
+
+def advantages(rewards_PG: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(group-normalised advantages [P, G], kept [P]: groups whose rewards are not all equal)."""
+  std = rewards_PG.std(axis=1, keepdims=True)
+  adv = (rewards_PG - rewards_PG.mean(axis=1, keepdims=True)) / (std + 1e-6)
+  return adv.astype(np.float32), std[:, 0] > 0
+
+
+class Rollouts:
+  """The RL stage's data: `next_batch(params, step)` samples, scores, filters and returns a batch.
+
+  Checkpointable like a grain iterator (the prompt stream's position); the sampling key is
+  derived from (seed, step, round), so a resumed run samples what the uninterrupted one would.
+  """
+
+  def __init__(self, model_cfg: l4.Config, cfg: RLConfig, data_cfg: DataConfig, records, tok,
+               reference, reward_fn: Callable = tasks.reward):
+    if data_cfg.batch_size % cfg.group_size:
+      raise ValueError(f"data.batch_size={data_cfg.batch_size} is not a multiple of "
+                       f"rl.group_size={cfg.group_size}")
+    self.cfg, self.model_cfg, self.tok, self.reward_fn = cfg, model_cfg, tok, reward_fn
+    self.prompts_per_step = data_cfg.batch_size // cfg.group_size
+    self.prompt_len = data_cfg.seq_len - cfg.max_new_tokens
+    if self.prompt_len < 1:
+      raise ValueError(f"data.seq_len={data_cfg.seq_len} leaves no room for a prompt before "
+                       f"rl.max_new_tokens={cfg.max_new_tokens}")
+    self.render, self.reference, self.seed = chat.Renderer(tok, data_cfg.seq_len), reference, data_cfg.seed
+    self.stop = self.render.eot
+    self.records = records
+    self.it = iter(grain.MapDataset.range(len(records)).seed(data_cfg.seed).shuffle().repeat()
+                   .to_iter_dataset())
+
+  def prompts(self, records) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompt ids and masks [n, prompt_len]; a prompt too long is an error."""
+    ids = np.zeros((len(records), self.prompt_len), np.int32)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(records):
+      p = self.render.prompt(r["messages"])
+      if len(p) > self.prompt_len:
+        raise ValueError(f"{r['where']}: the prompt has {len(p)} tokens; data.seq_len - "
+                         f"rl.max_new_tokens leaves {self.prompt_len}")
+      ids[i, -len(p):], mask[i, -len(p):] = p, 1
+    return ids, mask
+
+  def completions(self, params, records, key, temperature=None):
+    """(prompt ids, prompt mask, tokens, live) for each record, `group_size` times each."""
+    ids, mask = self.prompts(records)
+    g = self.cfg.group_size if temperature is None else 1
+    ids, mask = np.repeat(ids, g, axis=0), np.repeat(mask, g, axis=0)
+    t = self.cfg.temperature if temperature is None else temperature
+    toks, live = jax.device_get(_sample(self.model_cfg, params, ids, mask, key,
+                                        self.cfg.max_new_tokens, t, self.cfg.top_p, self.stop))
+    return ids, mask, toks, live
+
+  def text(self, toks, live) -> str:
+    return self.tok.decode([int(x) for x, l in zip(toks, live) if l and x != self.stop])
+
+  def score(self, records, toks, live, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rewards [P, G], errored [P]): a reward function that raises marks its prompt errored."""
+    rewards, errored = np.zeros((len(records), g), np.float32), np.zeros(len(records), bool)
+    for i, r in enumerate(records):
+      for j in range(g):
+        try:
+          value = float(self.reward_fn(r, self.text(toks[i * g + j], live[i * g + j])))
+        except Exception:  # the user's reward function: counted, its prompt dropped
+          errored[i] = True
+          break
+        if not math.isfinite(value):
+          raise ValueError(f"{r['where']}: the reward function returned {value}")
+        rewards[i, j] = value
+    return rewards, errored
+
+  def next_batch(self, params, step: int) -> tuple[dict, dict]:
+    """(batch of numpy arrays [B, ...], host metrics) for train step `step`."""
+    g, n = self.cfg.group_size, self.prompts_per_step
+    rows, sampled_rewards, stats = [], [], {"filtered_prompts": 0, "reward_errors": 0}
+    for round_ in range(self.cfg.max_rounds):
+      records = [self.records[next(self.it)] for _ in range(n)]
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), step), round_)
+      ids, mask, toks, live = self.completions(params, records, key)
+      rewards, errored = self.score(records, toks, live, g)
+      adv, kept = advantages(rewards)
+      sampled_rewards.append(rewards[~errored])
+      stats["reward_errors"] += int(errored.sum())
+      stats["filtered_prompts"] += int((~kept & ~errored).sum())
+      for i in np.flatnonzero(kept & ~errored):
+        rows += [(ids[i * g + j], mask[i * g + j], toks[i * g + j], live[i * g + j], adv[i, j])
+                 for j in range(g)]
+      if len(rows) >= n * g:
+        break
+    stats["reward"] = float(np.concatenate(sampled_rewards).mean()) if any(
+        r.size for r in sampled_rewards) else float("nan")
+    stats["filled_rows"] = min(len(rows), n * g) / (n * g)
+    return self._batch(params, rows[:n * g], n * g), stats
+
+  def _batch(self, params, rows, size: int) -> dict:
+    t = self.prompt_len + self.cfg.max_new_tokens
+    tokens, attn = np.zeros((size, t), np.int32), np.zeros((size, t), np.int32)
+    completion, adv = np.zeros((size, t), np.int32), np.zeros((size,), np.float32)
+    for r, (ids, mask, toks, live, a) in enumerate(rows):
+      tokens[r] = np.concatenate([ids, toks])
+      attn[r] = np.concatenate([mask, live])
+      completion[r, self.prompt_len:] = live
+      adv[r] = a
+    old = np.asarray(_logps(self.model_cfg, params, tokens, attn)[0])
+    ref = np.asarray(_logps(self.model_cfg, self.reference, tokens, attn)[0])
+    return {"tokens": tokens, "attention_mask": attn, "completion_mask": completion,
+            "advantages": adv, "old_logps": old, "ref_logps": ref}
+
+  def evaluate(self, params, records, batch: int = 64) -> float:
+    """Greedy (temperature 0) mean reward over `records`."""
+    total = 0.0
+    for s in range(0, len(records), batch):
+      chunk = records[s:s + batch]
+      padded = chunk + chunk[-1:] * (batch - len(chunk))
+      _, _, toks, live = self.completions(params, padded, jax.random.key(0), temperature=0.0)
+      total += float(self.score(chunk, toks, live, 1)[0].sum())
+    return total / len(records)
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.it.get_state()).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.it.set_state(json.loads(state.decode()))
+
+  def close(self) -> None:
+    pass
