@@ -8,7 +8,7 @@ import pytest
 
 import llama4_jax as l4
 from llama4_jax import config as config_lib
-from train import __main__ as cli, config as run_config, loop, step as step_lib
+from train import __main__ as cli, config as run_config, loop, pipeline, step as step_lib
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -19,7 +19,19 @@ def test_recipe_parses_and_model_builds(path):
   header = [l for l in path.read_text().splitlines() if l.startswith("#")]
   command = f"llama4-train configs/{path.relative_to(ROOT / 'configs')}"
   assert any(command in l for l in header), f"the leading comment should give `{command}`"
-  cfg = run_config.load(path)
+  recipe = run_config.read_yaml(path)
+  if "pipeline" in recipe:  # every stage is a recipe, each starting from the one before
+    stages = pipeline.stages(recipe)
+    for (_, before), (_, cfg) in zip(stages, stages[1:]):
+      assert cfg.model.init_from_checkpoint == f"{before.workdir}/checkpoints/{before.steps}"
+    cfgs = [cfg for _, cfg in stages]
+  else:
+    cfgs = [run_config.load(path)]
+  for cfg in cfgs:
+    _check_recipe(cfg)
+
+
+def _check_recipe(cfg):
   model = cfg.model.build()
   assert l4.param_count(model) > 0
   table = loop.resolve_table(cfg, model)  # the MetaP proxy fits the model

@@ -1,5 +1,6 @@
-"""Each stage's own measure, on held-out data (the embedded task drawn with another seed; with
-configured `data.paths` the stage's own files are used):
+"""Each stage's own measure, on a fresh draw of the data (the embedded task generated with another
+seed — with a small operand range the problems themselves recur, so this measures the stage's
+objective, not generalisation; with configured `data.paths` the stage's own files are used):
 
   pretrain / mid-train   next-token loss on packed rows of the stage's seq_len
   SFT (data.chat)        assistant-token loss
@@ -44,15 +45,16 @@ def final_params(cfg: RunConfig):
                               jnp.dtype(cfg.model.param_dtype))
 
 
-def measure(cfg: RunConfig, params, batches: int = 8) -> dict:
+def measure(cfg: RunConfig, params, examples: int = 128) -> dict:
+  """The stage's measure on `examples` held-out records (rows, for the loss stages)."""
   model_cfg = cfg.model.build()
   tok = tokenizer_lib.load(cfg.data.tokenizer)
   workdir = str(Path(cfg.workdir))
   eval_data = held_out(cfg.data)
   if cfg.rl is not None:
-    return _rl(cfg, model_cfg, tok, params, eval_data, workdir)
+    return _rl(cfg, model_cfg, tok, params, eval_data, workdir, examples)
   if cfg.dpo is not None:
-    return _dpo(cfg, model_cfg, tok, params, eval_data, workdir)
+    return _dpo(cfg, model_cfg, tok, params, eval_data, workdir, examples)
   if cfg.data.chat:
     ds = chat.make_dataset(eval_data, chat.resolve_paths(eval_data, workdir), tok)
     name = "assistant_token_loss"
@@ -62,29 +64,40 @@ def measure(cfg: RunConfig, params, batches: int = 8) -> dict:
   loss_fn = jax.jit(pretrain.make_loss(model_cfg, jnp.float32, False, 0.0, 0.0))
   total = count = 0.0
   it = iter(ds)
-  for _ in range(batches):
+  for _ in range(max(1, examples // cfg.data.batch_size)):
     s, (n, _) = loss_fn(params, {k: jnp.asarray(v) for k, v in next(it).items()})
     total, count = total + float(s), count + float(n)
   return {name: total / count}
 
 
-def _rl(cfg, model_cfg, tok, params, eval_data, workdir) -> dict:
-  records = [r for p in data.resolve_paths(eval_data, workdir)
-             for r in chat.read_jsonl(p, rl.check_prompt)][:128]
-  rollouts = rl.Rollouts(model_cfg, cfg.rl, dataclasses.replace(cfg.data, batch_size=cfg.rl.group_size),
-                         records, tok, params)
-  _, _, toks, live = rollouts.completions(params, records, jax.random.key(cfg.seed),
-                                          temperature=cfg.rl.temperature)
-  sampled = rollouts.score(records, toks, live, 1)[0]
-  return {"greedy_reward": rollouts.evaluate(params, records, batch=len(records)),
-          "sampled_reward": float(sampled.mean())}
+def _rl(cfg, model_cfg, tok, params, eval_data, workdir, examples) -> dict:
+  """Mean reward on the stage's own prompts (greedy, and sampled as in training), and greedy on
+  held-out prompts."""
+  def prompts(data_cfg):
+    return [r for p in data.resolve_paths(data_cfg, workdir)
+            for r in chat.read_jsonl(p, rl.check_prompt)][:examples]
+  own = prompts(cfg.data)
+  r = rl.Rollouts(model_cfg, cfg.rl, dataclasses.replace(cfg.data, batch_size=cfg.rl.group_size),
+                  own, tok, params)
+  return {"greedy_reward": r.evaluate(params, own, examples),
+          "sampled_reward": r.evaluate(params, own, examples, cfg.rl.temperature,
+                                       jax.random.key(cfg.seed)),
+          "held_out_greedy_reward": r.evaluate(params, prompts(eval_data), examples)}
 
 
-def _dpo(cfg, model_cfg, tok, params, eval_data, workdir) -> dict:
-  pairs = [p for path in dpo.resolve_pairs(eval_data, workdir) for p in dpo.read_pairs(path)][:128]
-  batches = list(dpo.pair_batches(pairs, tok, cfg.data.seq_len, cfg.data.batch_size))
-  ref = dpo.reference_logps(model_cfg, starting_params(cfg), batches)
-  ours = dpo.reference_logps(model_cfg, params, batches)
+def _dpo(cfg, model_cfg, tok, params, eval_data, workdir, examples) -> dict:
+  """On the stage's own pairs: how often the policy prefers chosen (log p(chosen) > log
+  p(rejected)), and the DPO margin against the starting policy and its sign; on held-out pairs,
+  the preference accuracy."""
+  start = starting_params(cfg)
+
+  def logps(data_cfg, p):
+    pairs = [x for path in dpo.resolve_pairs(data_cfg, workdir) for x in dpo.read_pairs(path)]
+    batches = list(dpo.pair_batches(pairs[:examples], tok, cfg.data.seq_len, cfg.data.batch_size))
+    return dpo.reference_logps(model_cfg, p, batches)
+  ours, ref = logps(cfg.data, params), logps(cfg.data, start)
   margin = cfg.dpo.beta * ((ours[:, 0] - ref[:, 0]) - (ours[:, 1] - ref[:, 1]))
+  held = logps(eval_data, params)
   return {"preference_accuracy": float(np.mean(ours[:, 0] > ours[:, 1])),
-          "dpo_margin": float(np.mean(margin)), "dpo_accuracy": float(np.mean(margin > 0))}
+          "dpo_margin": float(np.mean(margin)), "dpo_accuracy": float(np.mean(margin > 0)),
+          "held_out_preference_accuracy": float(np.mean(held[:, 0] > held[:, 1]))}

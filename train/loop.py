@@ -190,6 +190,7 @@ class Trainer(NamedTuple):
   tx: optax.GradientTransformation
   loss_fn: Callable
   train_step: Callable
+  abstract_frozen: object = None  # LoRA's frozen base (shapes only)
 
 
 def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
@@ -201,7 +202,7 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
   table = resolve_table(cfg, model_cfg)
   param_dtype = jnp.dtype(cfg.model.param_dtype)
   base = jax.eval_shape(lambda: l4.init_params(model_cfg, jax.random.key(0), param_dtype))
-  hooks, combine, frozen_sh = sharding.hooks(mesh), None, None
+  hooks, combine, frozen_sh, frozen = sharding.hooks(mesh), None, None, None
   if cfg.lora is None:
     tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps, cfg.model.frozen(), table)
     param_sh, params = sharding.param_shardings(model_cfg, mesh), base
@@ -210,8 +211,8 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
     tx, lr = lora.optimizer(cfg.optim, cfg.steps)
     param_sh = lora.adapter_shardings(model_cfg, cfg.lora, mesh, sharding.spec_for)
     params = jax.eval_shape(lambda: lora.init_adapters(model_cfg, cfg.lora, jax.random.key(0)))
-    frozen_sh = lora.frozen_shardings(jax.eval_shape(lambda b: lora.freeze(b, cfg.lora), base),
-                                      model_cfg, mesh, sharding.spec_for)
+    frozen = jax.eval_shape(lambda b: lora.freeze(b, cfg.lora), base)
+    frozen_sh = lora.frozen_shardings(frozen, model_cfg, mesh, sharding.spec_for)
     hooks = hooks._replace(weights=lora.materialize)
     combine = lambda adapters, frozen: lora.combine(adapters, frozen, cfg.lora)
   abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)  # no frozen: not saved
@@ -230,7 +231,8 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
   batch_sh = sharding.batch_sharding(mesh)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum, combine), state_sh, batch_sh)
-  return Trainer(model_cfg, table, mesh, batch_sh, state_sh, abstract, tx, loss_fn, train_step)
+  return Trainer(model_cfg, table, mesh, batch_sh, state_sh, abstract, tx, loss_fn, train_step,
+                 frozen)
 
 
 def _check_lora(cfg: RunConfig) -> None:

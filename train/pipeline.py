@@ -4,6 +4,7 @@ own figure before and after it.
 
     pipeline:
       workdir: workdirs/tiny_pipeline     # stage NAME trains in WORKDIR/NAME
+      eval_examples: 128                  # held-out examples per measure
       base: {model: ..., data: ...}       # recipe keys every stage shares
       stages:
         - {name: pretrain, steps: 300, ...}   # recipe keys of this stage, merged over base
@@ -25,6 +26,9 @@ from train import config as config_lib
 from train.config import ConfigError, RunConfig
 
 
+KEYS = ("workdir", "eval_examples", "base", "stages")
+
+
 def _merge(base: dict, over: dict) -> dict:
   out = copy.deepcopy(base)
   for k, v in over.items():
@@ -35,8 +39,8 @@ def _merge(base: dict, over: dict) -> dict:
 def stages(d: dict, overrides: tuple[str, ...] = ()) -> list[tuple[str, RunConfig]]:
   """[(name, recipe)] of a `pipeline:` mapping; each recipe checked as a RunConfig."""
   p = d.get("pipeline")
-  if not isinstance(p, dict) or set(p) - {"workdir", "base", "stages"} or "stages" not in p:
-    raise ConfigError("pipeline: expected a mapping with workdir, base and stages")
+  if not isinstance(p, dict) or set(p) - set(KEYS) or "stages" not in p:
+    raise ConfigError(f"pipeline: expected a mapping with keys {list(KEYS)} (stages required)")
   base = dict(p.get("base") or {})
   for o in overrides:  # --set applies to every stage
     config_lib._apply_override(base, o)
@@ -77,12 +81,13 @@ def run(d: dict, overrides: tuple[str, ...] = ()) -> list[dict]:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "recipe.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
     print(f"[pipeline] {name}: {cfg.steps} steps in {workdir}")
-    before = evaluate.measure(cfg, evaluate.starting_params(cfg))
+    examples = int(d["pipeline"].get("eval_examples", 128))
+    before = evaluate.measure(cfg, evaluate.starting_params(cfg), examples)
     record = loop.run(cfg)
     if not (workdir / "checkpoints" / str(cfg.steps)).is_dir():  # interrupted (SIGTERM)
       print(f"[pipeline] {name}: stopped before step {cfg.steps}; run again to resume")
       return summaries
-    after = evaluate.measure(cfg, evaluate.final_params(cfg))
+    after = evaluate.measure(cfg, evaluate.final_params(cfg), examples)
     summary = {"stage": name, "steps": cfg.steps, "before": before, "after": after,
                "final_train_loss": record.get("loss")}
     done.write_text(json.dumps(summary, indent=2))

@@ -33,15 +33,9 @@ def plan(config: str, overrides: tuple[str, ...] = ()) -> dict:
   model_cfg = cfg.model.build()
   t = loop.build(cfg, model_cfg)
   state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                       t.abstract_state, t.state_shardings)
+                       t.abstract_state.replace(frozen=t.abstract_frozen), t.state_shardings)
   shape = (cfg.data.batch_size, cfg.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=t.batch_sharding)
-           for k in ("tokens", "segment_ids", "positions")}
-  if model_cfg.vision is not None:  # mmdata's rows: a loss mask and each row's padded tiles
-    s = model_cfg.vision.image_size
-    batch["loss_mask"] = batch["tokens"]
-    batch["pixel_values"] = jax.ShapeDtypeStruct((*shape[:1], cfg.data.row_tiles, 3, s, s),
-                                                 jax.numpy.bfloat16, sharding=t.batch_sharding)
+  batch = _batch(cfg, model_cfg, shape, t.batch_sharding)
   start = time.perf_counter()
   compiled = t.train_step.lower(state, batch).compile()
   mem = compiled.memory_analysis()
@@ -53,6 +47,8 @@ def plan(config: str, overrides: tuple[str, ...] = ()) -> dict:
       "params_bytes": _per_device_bytes(t.abstract_state.params, t.state_shardings.params),
       "optimizer_bytes": _per_device_bytes(t.abstract_state.opt_state,
                                            t.state_shardings.opt_state),
+      "frozen_bytes": (0 if t.abstract_frozen is None else
+                       _per_device_bytes(t.abstract_frozen, t.state_shardings.frozen)),
       "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
       "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
       # donated state: outputs reuse the arguments' buffers (alias), counted once
@@ -62,10 +58,32 @@ def plan(config: str, overrides: tuple[str, ...] = ()) -> dict:
   }
 
 
+def _batch(cfg, model_cfg, shape, sharding) -> dict:
+  """Abstract inputs of the recipe's stage, as its data pipeline makes them."""
+  import jax
+  import jax.numpy as jnp
+  spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  if cfg.dpo is not None:
+    return {**{f"{k}_{f}": spec(shape) for k in ("chosen", "rejected") for f in ("tokens", "mask")},
+            "ref_logps": spec((shape[0], 2), jnp.float32)}
+  if cfg.rl is not None:
+    return {**{k: spec(shape) for k in ("tokens", "attention_mask", "completion_mask")},
+            "advantages": spec(shape[:1], jnp.float32),
+            **{k: spec(shape, jnp.float32) for k in ("old_logps", "ref_logps")}}
+  batch = {k: spec(shape) for k in ("tokens", "segment_ids", "positions")}
+  if cfg.data.chat or model_cfg.vision is not None:
+    batch["loss_mask"] = spec(shape)
+  if model_cfg.vision is not None:  # mmdata's rows: each row's padded tiles
+    s = model_cfg.vision.image_size
+    batch["pixel_values"] = spec((shape[0], cfg.data.row_tiles, 3, s, s), jnp.bfloat16)
+  return batch
+
+
 def format_plan(p: dict) -> str:
   mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items() if v > 1) or "1 device"
   rows = [("params (sharded)", p["params_bytes"]),
-          ("optimizer state (sharded)", p["optimizer_bytes"]), ("arguments", p["argument_bytes"]),
+          ("optimizer state (sharded)", p["optimizer_bytes"]),
+          ("frozen base (LoRA, sharded)", p["frozen_bytes"]), ("arguments", p["argument_bytes"]),
           ("outputs (not aliased)", p["output_bytes"] - p["alias_bytes"]),
           ("temporaries", p["temp_bytes"]), ("peak", p["peak_bytes"])]
   lines = [f"{p['config']}: {p['params']:,} params on {p['devices']} devices ({mesh}); "

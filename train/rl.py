@@ -215,14 +215,15 @@ class Rollouts:
     return {"tokens": tokens, "attention_mask": attn, "completion_mask": completion,
             "advantages": adv, "old_logps": old, "ref_logps": ref}
 
-  def evaluate(self, params, records, batch: int = 64) -> float:
-    """Greedy (temperature 0) mean reward over `records`."""
-    total = 0.0
+  def evaluate(self, params, records, batch: int = 64, temperature: float = 0.0,
+               key=None) -> float:
+    """Mean reward of one completion per record: greedy (temperature 0) or sampled."""
+    total, key = 0.0, jax.random.key(0) if key is None else key
     for s in range(0, len(records), batch):
       chunk = records[s:s + batch]
       padded = chunk + chunk[-1:] * (batch - len(chunk))
-      _, _, toks, live = self.completions(params, padded, jax.random.key(0), temperature=0.0)
-      total += float(self.score(chunk, toks, live, 1)[0].sum())
+      _, _, toks, live = self.completions(params, padded, jax.random.fold_in(key, s), temperature)
+      total += float(self.score(chunk, toks[:len(chunk)], live[:len(chunk)], 1)[0].sum())
     return total / len(records)
 
   def get_state(self) -> bytes:
