@@ -16,7 +16,8 @@ def main(out: str, num_processes: int, process_id: int, port: int) -> None:
 
   if num_processes > 1:
     jax.distributed.initialize(f"localhost:{port}", num_processes, process_id)
-  from train import config as config_lib, loop
+  import dataclasses
+  from train import config as config_lib, loop, rl, tokenizer
   from train_util import TINY
   assert jax.device_count() == 8 and jax.local_device_count() == 8 // num_processes
 
@@ -38,10 +39,19 @@ def main(out: str, num_processes: int, process_id: int, port: int) -> None:
                     out_shardings=(None, t.state_shardings.params))  # grads sharded like params
   (loss, (n, metrics)), grads = grad_fn(state.params, batch)
   flat = {"loss": loss / n, "expert_counts": metrics["expert_counts"]}
+  # an RL rollout with the params sharded over both processes: every process gets the same batch
+  records = [rl.check_prompt({"prompt": f"{a}+{a}=", "answer": str(2 * a)}, str(a))
+             for a in range(12)]
+  rl_cfg = config_lib.RLConfig(group_size=4, max_new_tokens=4)
+  data_cfg = dataclasses.replace(cfg.data, seq_len=36, batch_size=16)
+  rollouts = rl.Rollouts(t.model_cfg, rl_cfg, data_cfg, records, tokenizer.byte_tokenizer(),
+                         state.params, reward_fn=lambda rec, text: float(len(text) % 2))
+  rollout, stats = rollouts.next_batch(state.params, step=5)
+  rl_out = {f"rl_{k}": v for k, v in rollout.items()} | {"rl_reward": np.float32(stats["reward"])}
   flat |= {f"grad{jax.tree_util.keystr(p)}": g for p, g in jax.tree_util.tree_leaves_with_path(grads)}
   flat = multihost_utils.process_allgather(flat, tiled=True)
   if process_id == 0:
-    np.savez(out, **{k: np.asarray(v) for k, v in flat.items()})
+    np.savez(out, **{k: np.asarray(v) for k, v in flat.items()}, **rl_out)  # rl_: already global
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Multi-host: 2 processes x 4 fake CPU devices under `jax.distributed` (localhost) compute the same
-loss and gradients as 1 process x 8 devices, each process feeding only its own rows."""
+loss and gradients as 1 process x 8 devices, each process feeding only its own rows, and the same
+RL rollout (sampling with params sharded over both processes)."""
 import os
 import socket
 import subprocess
@@ -36,5 +37,7 @@ def test_two_processes_equal_one_process(tmp_path):
   assert sum(k.startswith("grad[") for k in one.files) > 20
   np.testing.assert_array_equal(two["expert_counts"], one["expert_counts"])
   assert one["expert_counts"].sum() == 2 * 8 * 32  # 2 MoE layers, every token of the batch
+  np.testing.assert_array_equal(two["rl_tokens"], one["rl_tokens"])  # the same samples
+  assert one["rl_completion_mask"].sum() > 0
   for k in one.files:
     np.testing.assert_allclose(two[k], one[k], atol=1e-5, rtol=0, err_msg=k)

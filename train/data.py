@@ -21,6 +21,13 @@ from train.config import DataConfig
 FORMATS = (".jsonl", ".parquet", ".arrayrecord")
 
 
+def host_value(tree):
+  """Device results as NumPy, the whole (global) value on every process: what the RL sampler and
+  DPO's reference pass hand back to host code, whatever mesh computed them."""
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def check_paths(paths: tuple[str, ...]) -> None:
   """Fails before anything compiles when a data file is missing or of an unknown kind."""
   if not paths:

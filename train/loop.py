@@ -150,8 +150,6 @@ def _dpo_data(cfg: RunConfig, t, workdir: Path):
 def _rl_data(cfg: RunConfig, t, workdir: Path):
   """(rollouts, starting params): prompts with checkable answers, and the starting policy, which
   stays on the device as the KL reference (a copy: the train state donates its own)."""
-  if jax.process_count() > 1:
-    raise ValueError("rl: rollouts run in one process in this version (jax.process_count() > 1)")
   tok = tokenizer_lib.load(cfg.data.tokenizer)
   _check_vocab(tok, t.model_cfg)
   if cfg.data.synthetic is None:
@@ -333,9 +331,12 @@ def run(cfg: RunConfig) -> dict:
   for n in range(start, cfg.steps):
     if cfg.rl is None:
       local, host_metrics = next(data_iter), {}
-    else:  # sampled by the current policy (the previous step's params)
-      local, host_metrics = data_iter.next_batch(state.params, n)
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+               for k, v in local.items()}
+    else:  # sampled by the current policy; every process holds the global batch
+      rows, host_metrics = data_iter.next_batch(state.params, n)
+      batch = {k: jax.make_array_from_callback(v.shape, batch_sharding, lambda i, v=v: v[i])
+               for k, v in rows.items()}
     state, m = train_step(state, batch)
     if pending is not None:
       record = flush(pending)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import llama4_jax as l4
-from train import chat, pretrain, tasks
+from train import chat, data, pretrain, tasks
 from train.config import DataConfig, RLConfig
 
 
@@ -117,6 +117,10 @@ def advantages(rewards_PG: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Rollouts:
   """The RL stage's data: `next_batch(params, step)` samples, scores, filters and returns a batch.
 
+  Every process draws the same prompts and receives the whole global batch (the sampler and the
+  log-prob passes run once, sharded like the params; their results are gathered to every host),
+  so all processes take the same decisions; each then feeds its own rows to the train step.
+
   Checkpointable like a grain iterator (the prompt stream's position); the sampling key is
   derived from (seed, step, round), so a resumed run samples what the uninterrupted one would.
   """
@@ -156,8 +160,8 @@ class Rollouts:
     g = self.cfg.group_size if temperature is None else 1
     ids, mask = np.repeat(ids, g, axis=0), np.repeat(mask, g, axis=0)
     t = self.cfg.temperature if temperature is None else temperature
-    toks, live = jax.device_get(_sample(self.model_cfg, params, ids, mask, key,
-                                        self.cfg.max_new_tokens, t, self.cfg.top_p, self.stop))
+    toks, live = data.host_value(_sample(self.model_cfg, params, ids, mask, key,
+                                         self.cfg.max_new_tokens, t, self.cfg.top_p, self.stop))
     return ids, mask, toks, live
 
   def text(self, toks, live) -> str:
@@ -210,8 +214,8 @@ class Rollouts:
       attn[r] = np.concatenate([mask, live])
       completion[r, self.prompt_len:] = live
       adv[r] = a
-    old = np.asarray(_logps(self.model_cfg, params, tokens, attn)[0])
-    ref = np.asarray(_logps(self.model_cfg, self.reference, tokens, attn)[0])
+    old = data.host_value(_logps(self.model_cfg, params, tokens, attn)[0])
+    ref = data.host_value(_logps(self.model_cfg, self.reference, tokens, attn)[0])
     return {"tokens": tokens, "attention_mask": attn, "completion_mask": completion,
             "advantages": adv, "old_logps": old, "ref_logps": ref}
 
