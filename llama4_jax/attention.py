@@ -92,8 +92,10 @@ def attend_blocked(q_BTNH, k_BTKH, v_BTKH, mask_BTT, window: int | None, block: 
 
 
 def attention(p: dict, x_BTD: jax.Array, ctx: Context, cfg: TextConfig, use_rope: bool,
-              chunked: bool, kv: dict | None = None) -> tuple[jax.Array, dict | None]:
-  """One attention sublayer. `kv` is this layer's cache {'k','v': [B, S, K, H]} or None."""
+              chunked: bool, kv: dict | None = None,
+              attend_fn=None) -> tuple[jax.Array, dict | None]:
+  """One attention sublayer. `kv` is this layer's cache {'k','v': [B, S, K, H]} or None.
+  attend_fn(q, k, v, mask, window): self-attention computed elsewhere (context parallelism)."""
   q, k, v = (layers.dense(x_BTD, p[name]) for name in ("q", "k", "v"))
   if use_rope:
     q, k = layers.apply_rope(q, ctx.angles_BTJ), layers.apply_rope(k, ctx.angles_BTJ)
@@ -107,7 +109,9 @@ def attention(p: dict, x_BTD: jax.Array, ctx: Context, cfg: TextConfig, use_rope
           "v": jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), at)}
     k, v = kv["k"].astype(q.dtype), kv["v"].astype(q.dtype)
   mask = ctx.chunk_mask_BTS if chunked else ctx.full_mask_BTS
-  if kv is None and q.shape[1] >= 2 * QUERY_BLOCK:
+  if kv is None and attend_fn is not None:
+    o = attend_fn(q, k, v, mask, cfg.attention_chunk_size if chunked else None)
+  elif kv is None and q.shape[1] >= 2 * QUERY_BLOCK:
     o = attend_blocked(q, k, v, mask, cfg.attention_chunk_size if chunked else None, QUERY_BLOCK)
   else:
     o = attend(q, k, v, mask)

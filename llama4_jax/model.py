@@ -32,6 +32,8 @@ class Hooks(NamedTuple):
   moe_fn: computes an MoE sublayer (`sharding.expert` passes an expert-parallel one).
   constrain: (activation, its logical axes) -> activation; `sharding` passes a sharding constraint,
     applied at block boundaries, around the MoE and on the logits.
+  attend_fn: (q, k, v, mask, window) -> attention output, for self-attention without a cache
+    (`sharding.context` passes a context-parallel one); None: computed here.
   weights: one layer's params (as scanned) -> its plain weight arrays, at the start of the layer
     (inside remat): where adapters are added or quantized weights dequantized (train/lora.py), one
     layer at a time.
@@ -39,6 +41,7 @@ class Hooks(NamedTuple):
   moe_fn: moe.MoeFn = moe.moe
   constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] = layers.unconstrained
   weights: Callable[[dict], dict] = lambda p: p
+  attend_fn: Callable | None = None
 
 
 def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot: int,
@@ -47,7 +50,7 @@ def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot:
   use_rope, chunked, is_moe = cfg.layer_kind(slot)
   x = hooks.constrain(x, ACTIVATION_AXES)
   h, kv = attention.attention(p, layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), ctx, cfg,
-                              use_rope, chunked, kv)
+                              use_rope, chunked, kv, hooks.attend_fn)
   x = x + h
   y = layers.rms_norm(x, p["ffn_norm"], cfg.rms_norm_eps)
   aux = {}
@@ -138,6 +141,9 @@ def run(cfg: TextConfig, params: dict, x_BTD: jax.Array, ctx: attention.Context,
 
   with_head=False skips the LM head and returns the last layer's output as `final` (for losses that
   apply `head` chunk by chunk and never hold [B, T, V] logits)."""
+  mask_axes = ("batch", "seq", "kv_seq")  # [B, T, S] masks split like the queries
+  ctx = ctx._replace(full_mask_BTS=hooks.constrain(ctx.full_mask_BTS, mask_axes),
+                     chunk_mask_BTS=hooks.constrain(ctx.chunk_mask_BTS, mask_axes))
   x, (hidden, auxes, caches) = _decoder(cfg, params["blocks"], x_BTD, ctx, caches, scan, remat,
                                         hooks, return_hidden)
   n, b, t, d = cfg.num_hidden_layers, *x_BTD.shape

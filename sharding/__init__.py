@@ -3,7 +3,7 @@
 The model (`llama4_jax`) only names its axes (`l4.param_specs`); this package decides where they
 live. Only this package touches JAX sharding APIs.
 """
-from sharding import expert
+from sharding import context, expert
 from sharding.activations import constrain_fn, hooks
 from sharding.mesh import AXES, MeshConfig, make_mesh, resolve
 from sharding.rules import (RULES, batch_sharding, param_shardings, partition_specs, spec_for,

@@ -4,7 +4,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 
 import llama4_jax as l4
-from sharding import expert
+from sharding import context, expert
 from sharding.rules import spec_for
 
 
@@ -20,5 +20,7 @@ def constrain_fn(mesh: Mesh):
 
 def hooks(mesh: Mesh) -> l4.Hooks:
   """Hooks for `l4.apply` on `mesh`: constraints at block boundaries, around the MoE and on the
-  logits, and expert-parallel dispatch when the expert axis is > 1."""
-  return l4.Hooks(moe_fn=expert.moe_fn(mesh), constrain=constrain_fn(mesh))
+  logits, expert-parallel dispatch when the expert axis is > 1, context-parallel attention when
+  the context axis is > 1."""
+  return l4.Hooks(moe_fn=expert.moe_fn(mesh), constrain=constrain_fn(mesh),
+                  attend_fn=context.attend_fn(mesh))

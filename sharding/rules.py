@@ -38,6 +38,7 @@ RULES: dict[str, tuple[str, ...]] = {
     # activations (the model's `ACTIVATION_AXES`, logits): the batch as above, the residual
     # stream's width replicated (fsdp shards weights, not activations)
     "seq": ("context",),
+    "kv_seq": (),  # attention masks' key axis: every key of the row
     "vision_tokens": (),  # a tile's patches: tiles are the vision tower's batch
     "act_embed": (),
 }

@@ -1,12 +1,19 @@
 """Test hygiene in one place: rank promotion is an error, fp32 matmuls are exact fp32, and XLA
 spends little time optimising code for models this small (it compiles more than it runs)."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 import jax  # noqa: E402
 
+# Identical programs compiled again (a new jit of the same function, another test's run of the
+# same recipe) are read back from a per-run on-disk cache instead (shared by the xdist workers).
+jax.config.update("jax_compilation_cache_dir", os.environ.setdefault(
+    "LLAMA4_TEST_COMPILATION_CACHE", tempfile.mkdtemp(prefix="llama4-jax-compile-cache-")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 

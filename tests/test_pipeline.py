@@ -9,10 +9,8 @@ from train import config as config_lib, pipeline
 from train_util import TINY
 
 BASE = {k: v for k, v in TINY.items() if k not in ("steps",)}
-STAGES = [
+STAGES = [  # (SFT, LoRA and DPO stages chain the same way: tests/test_lora.py, test_train.py)
     {"name": "pretrain", "steps": 4},
-    {"name": "sft", "steps": 3, "data": {"chat": True, "seq_len": 48},
-     "lora": {"rank": 2, "alpha": 4.0}},
     {"name": "rl", "steps": 2, "data": {"seq_len": 40, "batch_size": 8},
      "rl": {"group_size": 4, "max_new_tokens": 4}},
 ]
@@ -24,25 +22,21 @@ def _pipeline(tmp_path, stages):
 
 
 def test_stages_chain_measure_and_resume(tmp_path, capsys):
-  first = pipeline.run(_pipeline(tmp_path, STAGES[:2]))  # stops after SFT, as if interrupted there
-  assert [s["stage"] for s in first] == ["pretrain", "sft"]
+  first = pipeline.run(_pipeline(tmp_path, STAGES[:1]))  # stops after pretraining
+  assert [s["stage"] for s in first] == ["pretrain"]
   pre = first[0]
   assert pre["after"]["loss_at_seq_len_32"] < pre["before"]["loss_at_seq_len_32"]
-  sft_recipe = yaml.safe_load((tmp_path / "p/sft/recipe.yaml").read_text())
-  assert sft_recipe["model"]["init_from_checkpoint"] == str(tmp_path / "p/pretrain/checkpoints/4")
-  assert set(first[1]["before"]) == {"assistant_token_loss"}
   capsys.readouterr()
   summaries = pipeline.run(_pipeline(tmp_path, STAGES))  # the rerun: done stages are skipped
   out = capsys.readouterr().out
-  assert "pretrain: done" in out and "sft: done" in out and "rl: 2 steps" in out
+  assert "pretrain: done" in out and "rl: 2 steps" in out
   rl = json.loads((tmp_path / "p/rl/stage.json").read_text())
   assert summaries[-1] == rl and set(rl["after"]) == {"greedy_reward", "sampled_reward",
                                                     "held_out_greedy_reward"}
   metrics = [json.loads(l) for l in (tmp_path / "p/rl/metrics.jsonl").read_text().splitlines()]
   assert len(metrics) == 2 and {"reward", "filtered_prompts", "kl"} <= set(metrics[-1])
-  # RL started from the SFT run's adapters merged into its base
   rl_recipe = yaml.safe_load((tmp_path / "p/rl/recipe.yaml").read_text())
-  assert rl_recipe["model"]["init_from_checkpoint"] == str(tmp_path / "p/sft/checkpoints/3")
+  assert rl_recipe["model"]["init_from_checkpoint"] == str(tmp_path / "p/pretrain/checkpoints/4")
 
 
 def test_a_bad_stage_is_named_before_anything_runs(tmp_path):

@@ -37,21 +37,18 @@ def rollouts(params):
 def test_temperature_zero_sampling_is_greedy_decoding_with_the_full_forward(params):
   ids = np.array([[0, 0, 0, 5, 6, 7], [0, 9, 8, 7, 6, 5]], np.int32)
   mask = (np.arange(6)[None] >= np.array([[3], [1]])).astype(np.int32)  # left padding
-  sample = jax.jit(lambda p, k, t, top_p: rl.sample(CFG, p, ids, mask, k, 4, t, top_p, -1),
+  sample = jax.jit(lambda p, k, t, top_p: rl.sample(CFG, p, ids, mask, k, 5, t, top_p, -1),
                    static_argnums=(2, 3))
-  toks, live = sample(params, jax.random.key(1), 0.0, 1.0)
-  seq, m = ids, mask
-  forward = jax.jit(lambda p, s, m: l4.forward(CFG, p, s, m))
-  for _ in range(4):
-    nxt = np.asarray(jnp.argmax(forward(params, seq, m)[:, -1], -1))[:, None]
-    seq, m = np.concatenate([seq, nxt], 1), np.concatenate([m, np.ones_like(nxt)], 1)
-  np.testing.assert_array_equal(np.asarray(toks), seq[:, 6:])
-  assert np.all(np.asarray(live) == 1)
+  toks, live = (np.asarray(a) for a in sample(params, jax.random.key(1), 0.0, 1.0))
+  # greedy: every new token is the argmax of the full forward over everything before it
+  seq = np.concatenate([ids, toks], 1)
+  full = l4.forward(CFG, params, seq, np.concatenate([mask, np.ones_like(toks)], 1))
+  np.testing.assert_array_equal(np.asarray(jnp.argmax(full[:, 5:-1], -1)), toks)
+  assert np.all(live == 1)
   # a nucleus this small keeps only the top token: sampling at temperature 1 is greedy too
-  np.testing.assert_array_equal(np.asarray(sample(params, jax.random.key(2), 1.0, 1e-6)[0]),
-                                np.asarray(toks))
+  np.testing.assert_array_equal(np.asarray(sample(params, jax.random.key(2), 1.0, 1e-6)[0]), toks)
   hot = np.asarray(sample(params, jax.random.key(2), 1.0, 1.0)[0])
-  assert not np.array_equal(hot, np.asarray(toks))
+  assert not np.array_equal(hot, toks)
 
 
 def test_rollouts_are_deterministic_in_seed_and_step(rollouts, params):

@@ -96,7 +96,7 @@ def single_device():
 
 
 MESHES = [dict(data=2, fsdp=2, expert=2), dict(fsdp=2, expert=4), dict(expert=8),
-          dict(fsdp=4, tensor=2)]
+          dict(fsdp=4, tensor=2), dict(context=2, fsdp=2, expert=2), dict(data=2, context=4)]
 
 
 CASES = [(m, ep) for m in MESHES for ep in (False, True) if not ep or m.get("expert", 1) > 1]
@@ -109,7 +109,7 @@ def test_sharded_loss_and_grads_equal_single_device(single_device, mesh_cfg, ep)
   params, ids, loss, counts, grads = single_device
   mesh = sh.make_mesh(sh.MeshConfig(**mesh_cfg))
   param_sh = sh.param_shardings(CFG, mesh)
-  hooks = sh.hooks(mesh) if ep else l4.Hooks(constrain=sh.constrain_fn(mesh))
+  hooks = sh.hooks(mesh) if ep else sh.hooks(mesh)._replace(moe_fn=l4.model.moe.moe)
   fn = jax.jit(jax.value_and_grad(partial(_loss, hooks=hooks), has_aux=True),
                in_shardings=(param_sh, sh.batch_sharding(mesh)),
                out_shardings=((None, None), param_sh))  # grads sharded like params, as in training
@@ -165,3 +165,17 @@ def test_multimodal_loss_and_grads_sharded_equal_single_device():
   assert np.abs(np.asarray(grads["vision"]["patch"])).max() > 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5,
                                                        rtol=0), s_grads, grads)
+
+
+def test_context_parallel_attention_equals_one_device_on_packed_rows(single_device):
+  """Small query blocks: chunked layers read a sliding key window at a traced offset, and packed
+  documents restart their chunks mid-shard."""
+  params, ids, _, _, _ = single_device
+  seg = np.repeat(np.array([[1] * 5 + [2] * 11 + [3] * 8]), 8, axis=0)  # 24 tokens, 3 documents
+  want = jax.jit(lambda p: l4.apply(CFG, p, ids, segment_ids=seg).logits)(params)
+  mesh = sh.make_mesh(sh.MeshConfig(data=2, context=4))
+  hooks = l4.Hooks(constrain=sh.constrain_fn(mesh), attend_fn=sh.context.attend_fn(mesh, block=2))
+  got = jax.jit(lambda p: l4.apply(CFG, p, ids, segment_ids=seg, hooks=hooks).logits,
+                in_shardings=(sh.param_shardings(CFG, mesh),))(params)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+  assert sh.context.attend_fn(sh.make_mesh(sh.MeshConfig(data=8))) is None

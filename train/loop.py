@@ -79,13 +79,14 @@ def _restore_params(path: Path, model_cfg: l4.Config, shardings, dtype) -> dict:
   if run.lora is None:
     return _restore_trained(path, target)
   # a LoRA run: its own starting params (frozen, as it trained them) + its adapters, merged
-  base = lora.freeze(initial_params(run, model_cfg, shardings), run.lora)
+  base = initial_params(run, model_cfg, shardings)
   first = jax.tree.leaves(shardings)[0]
   replicated = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
   adapters = _restore_trained(path, jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=replicated),
       lora.adapter_specs(model_cfg, run.lora), is_leaf=l4.is_spec))
-  merge = jax.jit(lambda a, b: lora.merge(a, b, run.lora, dtype), out_shardings=shardings)
+  merge = jax.jit(lambda a, b: lora.merge(a, lora.freeze(b, run.lora), run.lora, dtype),
+                  out_shardings=shardings)
   return merge(adapters, base)
 
 
@@ -194,8 +195,6 @@ class Trainer(NamedTuple):
 def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
   """Mesh, shardings and the step of `cfg` (errors in the mesh/model pairing raise here, before
   anything is compiled)."""
-  if cfg.mesh.context != 1:
-    raise ValueError("mesh.context > 1 (sequence parallelism) is not available in this version")
   mesh = sharding.make_mesh(cfg.mesh)
   table = resolve_table(cfg, model_cfg)
   param_dtype = jnp.dtype(cfg.model.param_dtype)
