@@ -3,8 +3,8 @@ spends little time optimising code for models this small (it compiles more than 
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+from train_util import FAST_COMPILE  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 
 import jax  # noqa: E402
 

@@ -9,7 +9,8 @@ import sys
 
 
 def main(out: str, num_processes: int, process_id: int, port: int) -> None:
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // num_processes}"
+  from train_util import FAST_COMPILE
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // num_processes} {FAST_COMPILE}"
   import jax
   import numpy as np
   from jax.experimental import multihost_utils

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import yaml
 
+# as tests/conftest.py: XLA spends little time optimising programs this small
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
 TINY = {
     "steps": 12, "log_every": 1, "report": False,
     "model": {"preset": "tiny", "text": {"vocab_size": 264, "bos_token_id": 256,
@@ -29,6 +32,6 @@ def write_recipe(path: Path, workdir: Path, **overrides) -> Path:
 def train_process(recipe: Path, cache_dir: Path, *extra: str, devices: int = 1) -> subprocess.Popen:
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
   return subprocess.Popen([sys.executable, "-m", "train", str(recipe), *extra], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
