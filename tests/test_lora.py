@@ -41,10 +41,10 @@ def test_int4_error_is_at_most_half_a_step_and_memory_is_a_quarter_of_bf16():
 @pytest.fixture(scope="module")
 def trained_pieces():
   """A base, adapters with non-zero B, and the jitted forwards of both forms."""
-  base = l4.init_params(CFG, jax.random.key(0))
-  adapters = lora.init_adapters(CFG, LCFG, jax.random.key(1))
-  adapters = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape),
-                          adapters)
+  base = jax.jit(l4.init_params, static_argnums=0)(CFG, jax.random.key(0))
+  adapters = jax.jit(lambda k: jax.tree.map(
+      lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape),
+      lora.init_adapters(CFG, LCFG, k)))(jax.random.key(1))
   ids = jax.random.randint(jax.random.key(3), (2, 20), 0, CFG.text.vocab_size)
   hooked = jax.jit(lambda p: l4.apply(CFG, p, ids, hooks=l4.Hooks(weights=lora.materialize)).logits)
   plain = jax.jit(lambda p: l4.forward(CFG, p, ids))
@@ -55,20 +55,20 @@ def trained_pieces():
 def test_merged_forward_equals_base_plus_adapter_forward(trained_pieces, quantize):
   base, adapters, hooked, plain = trained_pieces
   cfg = dataclasses.replace(LCFG, quantize=quantize)
-  frozen = lora.freeze(base, cfg)
+  frozen = jax.jit(lambda b: lora.freeze(b, cfg))(base)
   if quantize:  # every block matrix int4, the rest as it was
     kinds = {type(x) for x in jax.tree.leaves(frozen["blocks"], is_leaf=lambda x: isinstance(
         x, lora.QTensor))}
     assert lora.QTensor in kinds and lora.nbytes(frozen) < 0.45 * lora.nbytes(base)
   got = hooked(lora.combine(adapters, frozen, cfg))
-  want = plain(lora.merge(adapters, frozen, cfg))
+  want = plain(jax.jit(lambda a, f: lora.merge(a, f, cfg))(adapters, frozen))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
   assert float(jnp.max(jnp.abs(want - plain(base)))) > 1e-2  # the adapters do change the model
 
 
 def test_fresh_adapters_are_the_base_exactly(trained_pieces):
   base, _, hooked, plain = trained_pieces
-  fresh = lora.init_adapters(CFG, LCFG, jax.random.key(5))
+  fresh = jax.jit(lambda k: lora.init_adapters(CFG, LCFG, k))(jax.random.key(5))
   np.testing.assert_array_equal(np.asarray(hooked(lora.combine(fresh, base, LCFG))),
                                 np.asarray(plain(base)))
   specs = lora.adapter_specs(CFG, LCFG)

@@ -245,12 +245,12 @@ def initial_state(cfg: RunConfig, t: Trainer, params=None) -> step_lib.TrainStat
   if params is None:
     params = initial_params(cfg, t.model_cfg, sharding.param_shardings(t.model_cfg, t.mesh),
                             t.table)
+  init = jax.jit(lambda p, f: step_lib.init_state(p, t.tx, f), out_shardings=t.state_shardings)
   if cfg.lora is None:
-    return jax.device_put(step_lib.init_state(params, t.tx), t.state_shardings)
+    return init(params, None)
   adapters = jax.jit(lambda k: lora.init_adapters(t.model_cfg, cfg.lora, k),
                      out_shardings=t.state_shardings.params)(jax.random.key(cfg.seed + 1))
-  state = step_lib.init_state(adapters, t.tx, _freeze(cfg, t, params))
-  return jax.device_put(state, t.state_shardings)
+  return init(adapters, _freeze(cfg, t, params))
 
 
 def _freeze(cfg: RunConfig, t: Trainer, params=None):
