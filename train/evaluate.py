@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import llama4_jax as l4
 from train import chat, data, dpo, loop, pretrain, rl, tokenizer as tokenizer_lib
 from train.config import DataConfig, RunConfig
 
