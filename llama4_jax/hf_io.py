@@ -5,6 +5,7 @@ an unsupported dtype, a shard the index names but the directory lacks, a truncat
 writes into a temporary sibling directory and renames it into place, so a failed save leaves no
 half-written checkpoint.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -162,11 +163,20 @@ def save_hf(path, cfg: Config, params: dict, *, max_shard_bytes: int = 5 * 2**30
     raise CheckpointError(f"cannot save dtype(s) {bad}; supported: {list(DTYPE_NAMES.values())}")
   dtype = DTYPE_NAMES[max(dtypes, key=lambda d: d.itemsize)]
   hf_config = config_lib.to_hf(cfg, dtype=dtype)
+  with atomic_dir(path) as tmp:
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    _write_shards(tmp, tensors, max_shard_bytes)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path):
+  """Yields a temporary directory beside `path` that becomes `path` when the block succeeds and
+  is removed when it fails: an output appears under its final name only once complete."""
+  path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
   try:
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    _write_shards(tmp, tensors, max_shard_bytes)
+    yield tmp
     replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -17,10 +17,8 @@ optimizer state is not read). Output appears under its final name only once comp
 """
 import argparse
 import json
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -95,9 +93,7 @@ def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True) -> Path:
   d = hf_io.inspect(hf_dir)  # every problem is found before anything is written
   dtype = _text_dtype(d, dtype)
   out = Path(out_dir)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
+  with hf_io.atomic_dir(out) as tmp:
     leaves = leaf_shapes(d.cfg, dtype)
     stacked = {base + p for rule, base, row in convert.routes(d.cfg).values() if row is not None
                for p in rule.ours}
@@ -119,10 +115,6 @@ def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True) -> Path:
         del a
     _write_orbax_metadata(tmp / "params", leaves)
     (tmp / "config.json").write_text(json.dumps(d.config, indent=2))
-    hf_io.replace_dir(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out
 
 
@@ -206,15 +198,9 @@ def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = 
   hf_config = s.hf_config or config_lib.to_hf(
       s.cfg, dtype=hf_io.DTYPE_NAMES[max(dtypes, key=lambda d: d.itemsize)])
   out = Path(hf_dir)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
+  with hf_io.atomic_dir(out) as tmp:
     _write_hf(tmp, _plan_shards(entries, max_shard_bytes), produce, progress)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    hf_io.replace_dir(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out
 
 
@@ -235,17 +221,11 @@ def merge_lora(step_dir, out_dir, dtype=None) -> Path:
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params = loop._restore_params(step_dir, cfg, sharding, dtype)
   out = Path(out_dir)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
+  with hf_io.atomic_dir(out) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:  # closing waits for the write
       checkpointer.save((tmp / "params").absolute(), params)
     hf_config = config_lib.to_hf(cfg, dtype=hf_io.DTYPE_NAMES[np.dtype(dtype)])
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    hf_io.replace_dir(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out
 
 
