@@ -153,9 +153,7 @@ def _rl_data(cfg: RunConfig, t, workdir: Path):
   stays on the device as the KL reference (a copy: the train state donates its own)."""
   tok = tokenizer_lib.load(cfg.data.tokenizer)
   _check_vocab(tok, t.model_cfg)
-  if cfg.data.synthetic is None:
-    data.check_paths(cfg.data.paths)
-  paths = data.resolve_paths(cfg.data, str(workdir))
+  paths = data.resolve_paths(cfg.data, str(workdir))  # configured files are checked there
   records = [r for path in paths for r in chat.read_jsonl(path, rl.check_prompt)]
   params = initial_params(cfg, t.model_cfg, sharding.param_shardings(t.model_cfg, t.mesh), t.table)
   reference = jax.tree.map(jnp.copy, params)
