@@ -73,14 +73,16 @@ def both(batch: dict) -> tuple[jax.Array, jax.Array]:
           jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]))
 
 
+_logps = jax.jit(lambda cfg, p, t, m: sequence_logps(cfg, p, t, m)[0], static_argnums=0)
+
+
 def reference_logps(model_cfg: l4.Config, params, batches) -> np.ndarray:
   """[N, 2] (chosen, rejected) log-probs of the reference policy, computed once per pair, from
   batches or (batch, rows to keep) tuples."""
-  fn = jax.jit(lambda p, t, m: sequence_logps(model_cfg, p, t, m)[0])
   out = []
   for b in batches:
     b, keep = b if isinstance(b, tuple) else (b, None)
-    logps = data.host_value(fn(params, *both(b)))  # every process passes every pair
+    logps = data.host_value(_logps(model_cfg, params, *both(b)))  # every process passes every pair
     out.append(np.stack(np.split(logps, 2), axis=1)[:keep])
   return np.concatenate(out)
 

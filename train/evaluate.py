@@ -44,8 +44,9 @@ def final_params(cfg: RunConfig):
                               jnp.dtype(cfg.model.param_dtype))
 
 
-def measure(cfg: RunConfig, params, examples: int = 128) -> dict:
-  """The stage's measure on `examples` held-out records (rows, for the loss stages)."""
+def measure(cfg: RunConfig, params, examples: int = 128, start=None) -> dict:
+  """The stage's measure on `examples` held-out records (rows, for the loss stages). `start`: the
+  stage's starting params when the caller holds them (DPO's margin is relative to them)."""
   model_cfg = cfg.model.build()
   tok = tokenizer_lib.load(cfg.data.tokenizer)
   workdir = str(Path(cfg.workdir))
@@ -53,7 +54,7 @@ def measure(cfg: RunConfig, params, examples: int = 128) -> dict:
   if cfg.rl is not None:
     return _rl(cfg, model_cfg, tok, params, eval_data, workdir, examples)
   if cfg.dpo is not None:
-    return _dpo(cfg, model_cfg, tok, params, eval_data, workdir, examples)
+    return _dpo(cfg, model_cfg, tok, params, eval_data, workdir, examples, start)
   if cfg.data.chat:
     ds = chat.make_dataset(eval_data, chat.resolve_paths(eval_data, workdir), tok)
     name = "assistant_token_loss"
@@ -84,17 +85,16 @@ def _rl(cfg, model_cfg, tok, params, eval_data, workdir, examples) -> dict:
           "held_out_greedy_reward": r.evaluate(params, prompts(eval_data), examples)}
 
 
-def _dpo(cfg, model_cfg, tok, params, eval_data, workdir, examples) -> dict:
+def _dpo(cfg, model_cfg, tok, params, eval_data, workdir, examples, start) -> dict:
   """On the stage's own pairs: how often the policy prefers chosen (log p(chosen) > log
   p(rejected)), and the DPO margin against the starting policy and its sign; on held-out pairs,
   the preference accuracy."""
-  start = starting_params(cfg)
-
   def logps(data_cfg, p):
     pairs = [x for path in dpo.resolve_pairs(data_cfg, workdir) for x in dpo.read_pairs(path)]
     batches = list(dpo.pair_batches(pairs[:examples], tok, cfg.data.seq_len, cfg.data.batch_size))
     return dpo.reference_logps(model_cfg, p, batches)
-  ours, ref = logps(cfg.data, params), logps(cfg.data, start)
+  ours = logps(cfg.data, params)
+  ref = ours if start is params else logps(cfg.data, starting_params(cfg) if start is None else start)
   margin = cfg.dpo.beta * ((ours[:, 0] - ref[:, 0]) - (ours[:, 1] - ref[:, 1]))
   held = logps(eval_data, params)
   return {"preference_accuracy": float(np.mean(ours[:, 0] > ours[:, 1])),

@@ -20,13 +20,10 @@ from tqdm import tqdm
 
 import llama4_jax as l4
 from llama4_jax.config import from_hf, text_to_hf
-from train import chat, checkpoint, data, dpo, lora, metap, metrics as metrics_lib, mmdata, optim
-from train import rl
-from train import pretrain
-from train import step as step_lib
-from train import tokenizer as tokenizer_lib
 import sharding
-from train import config as config_lib
+from train import (chat, checkpoint, config as config_lib, data, dpo, lora, metap,
+                   metrics as metrics_lib, mmdata, optim, pretrain, rl, step as step_lib,
+                   tokenizer as tokenizer_lib)
 from train.config import RunConfig, to_dict
 
 
@@ -139,7 +136,7 @@ def _dpo_data(cfg: RunConfig, t, workdir: Path):
       raise ValueError(f"{ref_file} holds {ref.shape[0]} pairs' reference log-probs but the data "
                        f"has {len(pairs)}: the data changed since this run started")
   else:
-    params = initial_params(cfg, t.model_cfg, sharding.param_shardings(t.model_cfg, t.mesh), t.table)
+    params = initial_params(cfg, t.model_cfg, t.base_shardings, t.table)
     ref = dpo.reference_logps(t.model_cfg, params, dpo.pair_batches(
         pairs, tok, cfg.data.seq_len, cfg.data.batch_size))
     if jax.process_index() == 0:
@@ -155,7 +152,7 @@ def _rl_data(cfg: RunConfig, t, workdir: Path):
   _check_vocab(tok, t.model_cfg)
   paths = data.resolve_paths(cfg.data, str(workdir))  # configured files are checked there
   records = [r for path in paths for r in chat.read_jsonl(path, rl.check_prompt)]
-  params = initial_params(cfg, t.model_cfg, sharding.param_shardings(t.model_cfg, t.mesh), t.table)
+  params = initial_params(cfg, t.model_cfg, t.base_shardings, t.table)
   reference = jax.tree.map(jnp.copy, params)
   return rl.Rollouts(t.model_cfg, cfg.rl, cfg.data, records, tok, reference), params
 
@@ -187,6 +184,7 @@ class Trainer(NamedTuple):
   tx: optax.GradientTransformation
   loss_fn: Callable
   train_step: Callable
+  base_shardings: object = None   # the model params' shardings (LoRA: the frozen base's source)
   abstract_frozen: object = None  # LoRA's frozen base (shapes only)
 
 
@@ -198,9 +196,10 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
   param_dtype = jnp.dtype(cfg.model.param_dtype)
   base = jax.eval_shape(lambda: l4.init_params(model_cfg, jax.random.key(0), param_dtype))
   hooks, combine, frozen_sh, frozen = sharding.hooks(mesh), None, None, None
+  base_sh = sharding.param_shardings(model_cfg, mesh)
   if cfg.lora is None:
     tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps, cfg.model.frozen(), table)
-    param_sh, params = sharding.param_shardings(model_cfg, mesh), base
+    param_sh, params = base_sh, base
   else:
     _check_lora(cfg)
     tx, lr = lora.optimizer(cfg.optim, cfg.steps)
@@ -227,7 +226,7 @@ def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, tx, lr, cfg.optim.grad_accum, combine), state_sh, batch_sh)
   return Trainer(model_cfg, table, mesh, batch_sh, state_sh, abstract, tx, loss_fn, train_step,
-                 frozen)
+                 base_sh, frozen)
 
 
 def _check_lora(cfg: RunConfig) -> None:
@@ -241,8 +240,7 @@ def _check_lora(cfg: RunConfig) -> None:
 def initial_state(cfg: RunConfig, t: Trainer, params=None) -> step_lib.TrainState:
   # every leaf placed as the step's outputs will be: otherwise step 1 retraces
   if params is None:
-    params = initial_params(cfg, t.model_cfg, sharding.param_shardings(t.model_cfg, t.mesh),
-                            t.table)
+    params = initial_params(cfg, t.model_cfg, t.base_shardings, t.table)
   init = jax.jit(lambda p, f: step_lib.init_state(p, t.tx, f), out_shardings=t.state_shardings)
   if cfg.lora is None:
     return init(params, None)
@@ -254,8 +252,7 @@ def initial_state(cfg: RunConfig, t: Trainer, params=None) -> step_lib.TrainStat
 def _freeze(cfg: RunConfig, t: Trainer, params=None):
   """LoRA's frozen tree (the base, int4 for QLoRA), from the run's init source."""
   if params is None:
-    params = initial_params(cfg, t.model_cfg, sharding.param_shardings(t.model_cfg, t.mesh),
-                            t.table)
+    params = initial_params(cfg, t.model_cfg, t.base_shardings, t.table)
   return jax.jit(lambda p: lora.freeze(p, cfg.lora),
                  out_shardings=t.state_shardings.frozen)(params)
 

@@ -82,7 +82,9 @@ def run(d: dict, overrides: tuple[str, ...] = ()) -> list[dict]:
     (workdir / "recipe.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
     print(f"[pipeline] {name}: {cfg.steps} steps in {workdir}")
     examples = int(d["pipeline"].get("eval_examples", 128))
-    before = evaluate.measure(cfg, evaluate.starting_params(cfg), examples)
+    start = evaluate.starting_params(cfg)
+    before = evaluate.measure(cfg, start, examples, start=start)
+    del start  # not held on the device while the stage trains
     record = loop.run(cfg)
     if not (workdir / "checkpoints" / str(cfg.steps)).is_dir():  # interrupted (SIGTERM)
       print(f"[pipeline] {name}: stopped before step {cfg.steps}; run again to resume")
