@@ -37,6 +37,11 @@ def segment_starts(seg_BS: jax.Array) -> jax.Array:
   return jax.lax.cummax(jnp.where(boundary, idx, 0), axis=1)
 
 
+def leading_pads(seg_BS: jax.Array) -> jax.Array:
+  """[B] zeros before each row's first non-zero entry (HF's `left_padding_tokens`)."""
+  return jnp.sum(jnp.cumsum(seg_BS != 0, axis=1) == 0, axis=1).astype(jnp.int32)
+
+
 def make_context(cfg: TextConfig, q_idx_T, k_idx_S, seg_q_BT, seg_k_BS, chunk_q_BT, chunk_k_BS,
                  temp_pos_BT, positions_BT, inv_freq, cache_index=None) -> Context:
   """Masks, RoPE angles and temperatures from token metadata (all int32)."""

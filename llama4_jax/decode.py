@@ -28,12 +28,16 @@ def extend(cfg: Config, params: dict, cache: dict, input_ids: jax.Array, attenti
 
   pixel_values: the tiles of the images whose `<|patch|>` tokens are among these (a prefill).
   attention_mask (1/0 for these tokens, prefill only) defaults to continuing each row's sequence.
+  More tokens than the cache has room for raise (under jit: NaN logits).
   positions default to the previous position + 1 (starting at 0), like HF without position_ids.
   """
   t = cfg.text
   b, n = input_ids.shape
   offset = cache["length"]
   max_len = cache["seg"].shape[1]
+  if not isinstance(offset, jax.core.Tracer) and int(offset) + n > max_len:
+    raise ValueError(f"extend: {int(offset)} cached + {n} new tokens exceed the cache's max_len "
+                     f"{max_len} (init_cache(..., max_len=) larger)")
   if attention_mask is None:
     last = jax.lax.dynamic_index_in_dim(cache["seg"], jnp.maximum(offset - 1, 0), 1, False)
     seg_new = jnp.broadcast_to(jnp.where(offset > 0, last, 1)[:, None], (b, n))
@@ -42,15 +46,17 @@ def extend(cfg: Config, params: dict, cache: dict, input_ids: jax.Array, attenti
   seg_k = jax.lax.dynamic_update_slice(cache["seg"], seg_new, (0, offset))
   k_idx = jnp.arange(max_len, dtype=jnp.int32)
   q_idx = offset + jnp.arange(n, dtype=jnp.int32)
-  chunk_k = k_idx[None, :] - attention.segment_starts(seg_k)
+  chunk_k = k_idx[None, :] - attention.leading_pads(seg_k)[:, None]  # as HF: from the first real token
   chunk_q = jax.lax.dynamic_slice_in_dim(chunk_k, offset, n, axis=1)
   if positions is None:
     positions = cache["next_pos"][:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
   positions = jnp.asarray(positions, jnp.int32)
   inv_freq = layers.rope_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling)
-  ctx = attention.make_context(t, q_idx, k_idx, seg_new, seg_k, chunk_q, chunk_k,
+  ctx = attention.make_context(t, q_idx, k_idx, jnp.ones_like(seg_new), seg_k, chunk_q, chunk_k,
                                jnp.broadcast_to(q_idx, (b, n)), positions, inv_freq, offset)
   out = model.run(t, params, model.embed(cfg, params, input_ids, pixel_values), ctx, cache["kv"])
   new_cache = {"kv": out.cache, "seg": seg_k, "length": offset + n,
                "next_pos": positions[:, -1] + 1}
-  return out.logits, new_cache
+  # Under jit an overflowing write would be clamped onto the last slots: NaN logits instead.
+  logits = jnp.where(offset + n > max_len, jnp.nan, out.logits)
+  return logits, new_cache

@@ -148,9 +148,12 @@ def _write_shards(out: Path, tensors: dict[str, np.ndarray], max_shard_bytes: in
                                        "weight_map": weight_map}, indent=2))
 
 
-def save_hf(path, cfg: Config, params: dict, *, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_hf(path, cfg: Config, params: dict, *, max_shard_bytes: int = 5 * 2**30,
+            overwrite: bool = False) -> None:
   """Writes a directory `from_pretrained` loads: `Llama4ForConditionalGeneration`'s layout when
-  cfg has a vision tower, else `Llama4ForCausalLM`'s."""
+  cfg has a vision tower, else `Llama4ForCausalLM`'s. A non-empty existing `path` is refused
+  unless `overwrite`."""
+  check_output(path, overwrite=overwrite)
   path = Path(path)
   multimodal = cfg.vision is not None
   if multimodal != ("vision" in params):
@@ -163,18 +166,66 @@ def save_hf(path, cfg: Config, params: dict, *, max_shard_bytes: int = 5 * 2**30
     raise CheckpointError(f"cannot save dtype(s) {bad}; supported: {list(DTYPE_NAMES.values())}")
   dtype = DTYPE_NAMES[max(dtypes, key=lambda d: d.itemsize)]
   hf_config = config_lib.to_hf(cfg, dtype=dtype)
-  with atomic_dir(path) as tmp:
+  with atomic_dir(path, overwrite=overwrite) as tmp:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     _write_shards(tmp, tensors, max_shard_bytes)
 
 
+class OutputError(ValueError):
+  """An output path that would destroy data: not empty, or the input itself, inside or above it."""
+
+
+def check_output(path, sources=(), overwrite: bool = False) -> None:
+  """Refuses `path` as an output when it is, lies inside or lies above one of `sources` (never
+  allowed), or exists and is not empty (allowed with `overwrite`)."""
+  out = Path(path).resolve()
+  for src in sources:
+    s = Path(src).resolve()
+    where = ("is" if out == s else "lies inside" if s in out.parents else
+             "lies above" if out in s.parents else None)
+    if where:
+      raise OutputError(f"output {path} {where} the input {src}: choose another output path")
+  if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
+    raise OutputError(f"output {path} exists and is not empty (pass --overwrite to replace it)")
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _clean_stale(path: Path) -> None:
+  """Removes `.NAME.tmp-PID-*` / `.NAME.old-PID-*` folders left beside `path` by a killed writer
+  (its pid no longer alive on this host)."""
+  for p in path.parent.glob(f".{path.name}.*-*-*"):
+    kind, _, rest = p.name[len(path.name) + 2:].partition("-")
+    pid = rest.split("-")[0]
+    if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 @contextlib.contextmanager
-def atomic_dir(path: Path):
+def atomic_dir(path: Path, sources=(), overwrite: bool = False):
   """Yields a temporary directory beside `path` that becomes `path` when the block succeeds and
-  is removed when it fails: an output appears under its final name only once complete."""
+  is removed when it fails: an output appears under its final name only once complete. `path` is
+  checked first (`check_output`); temporaries of a killed earlier writer are removed."""
   path = Path(path)
+  check_output(path, sources, overwrite)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+  _clean_stale(path)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+  tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the output follows the umask
   try:
     yield tmp
     replace_dir(tmp, path)
@@ -188,7 +239,7 @@ def replace_dir(new: Path, path: Path) -> None:
   if not path.exists():
     os.replace(new, path)
     return
-  old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+  old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
   os.replace(path, old / path.name)
   os.replace(new, path)
   shutil.rmtree(old)

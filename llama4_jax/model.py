@@ -113,8 +113,15 @@ def embed_tokens(cfg: TextConfig, params: dict, input_ids: jax.Array) -> jax.Arr
       bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
       raise ValueError(f"input_ids contain {bad.ravel()[:5].tolist()} outside the vocabulary "
                        f"[0, {cfg.vocab_size})")
-  # Under jit an out-of-range id reads NaN instead of a silently clamped row.
-  return jnp.take(params["embed"], input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+  # Under jit an out-of-range id reads NaN instead of a silently clamped row; negative ids are
+  # sent out of range first (jnp.take would wrap them to valid rows).
+  ids = jnp.where(input_ids < 0, cfg.vocab_size, input_ids)
+  x = jnp.take(params["embed"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+  if cfg.pad_token_id is None:
+    return x
+  # HF's nn.Embedding(padding_idx=pad_token_id): the pad token's row gets no gradient from the
+  # lookup (a tied LM head still trains it, as in HF).
+  return jnp.where((input_ids == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(x), x)
 
 
 def embed(cfg: Config, params: dict, input_ids: jax.Array, pixel_values=None, *,
@@ -164,24 +171,26 @@ def token_context(cfg: TextConfig, batch: int, length: int, attention_mask=None,
                   segment_ids=None) -> attention.Context:
   """Attention context for a full (uncached) sequence.
 
-  attention_mask: HF-style 1/0, left or right padding; chunks start at each row's first real token
-    and the temperature index counts pads, as in HF.
+  attention_mask: HF-style 1/0 (left, right or mid-row padding): a 0 hides that key from every
+    query; chunks count from each row's first real token and the temperature index counts pads,
+    exactly as HF.
   segment_ids: packed rows (0 = padding); every document restarts its chunks, temperature index
     and (when `positions` is None) its RoPE positions.
   """
   idx = jnp.arange(length, dtype=jnp.int32)
   if segment_ids is not None:
-    seg = jnp.asarray(segment_ids, jnp.int32)
-  elif attention_mask is not None:
-    seg = jnp.asarray(attention_mask, jnp.int32)
-  else:
-    seg = jnp.ones((batch, length), jnp.int32)
-  chunk = idx[None, :] - attention.segment_starts(seg)
+    seg_q = seg_k = jnp.asarray(segment_ids, jnp.int32)
+    chunk = idx[None, :] - attention.segment_starts(seg_k)
+  else:  # HF: every query sees the earlier real keys; chunks count from the first real token
+    seg_k = (jnp.ones((batch, length), jnp.int32) if attention_mask is None
+             else jnp.asarray(attention_mask, jnp.int32))
+    seg_q = jnp.ones_like(seg_k)
+    chunk = idx[None, :] - attention.leading_pads(seg_k)[:, None]
   temp_pos = chunk if segment_ids is not None else jnp.broadcast_to(idx, (batch, length))
   if positions is None:
     positions = chunk if segment_ids is not None else jnp.broadcast_to(idx, (batch, length))
   inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-  return attention.make_context(cfg, idx, idx, seg, seg, chunk, chunk, temp_pos,
+  return attention.make_context(cfg, idx, idx, seg_q, seg_k, chunk, chunk, temp_pos,
                                 jnp.asarray(positions, jnp.int32), inv_freq)
 
 

@@ -153,6 +153,6 @@ def test_failed_save_leaves_no_directory_and_keeps_the_old_one(tmp_path, monkeyp
   before = sorted(p.name for p in (tmp_path / "old").iterdir())
   monkeypatch.setattr(hf_io, "save_file", fail)
   with pytest.raises(OSError):
-    l4.save_hf(tmp_path / "old", cfg, params)
+    l4.save_hf(tmp_path / "old", cfg, params, overwrite=True)
   assert sorted(p.name for p in (tmp_path / "old").iterdir()) == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]

@@ -60,3 +60,40 @@ def test_multimodal_layout_gives_the_causal_text_logits(tmp_path):
   causal.save_pretrained(tmp_path / "causal")
   cfg_c, params_c = l4.load_hf(tmp_path / "causal")
   np.testing.assert_array_equal(apply_jit(cfg_c, params_c, jnp.asarray(ids)).logits, logits)
+
+
+@pytest.mark.parametrize("variant", ["mixed"])
+def test_masks_with_holes_match_hf(hf_causal, variant):
+  """Zeros mid-row (not left/right padding): keys hidden, chunks still counted from the first
+  real token, as HF's `left_padding_tokens`; every position equals HF, the holes included."""
+  model, path = hf_causal(variant)
+  cfg, params = l4.load_hf(path)
+  ids = _ids(seed=3, batch=2)
+  mask = np.ones_like(ids)
+  mask[0, 5:9] = 0            # a hole inside the first chunk's successor
+  mask[1, :3] = 0             # left padding and two holes later
+  mask[1, 12] = mask[1, 20:22] = 0
+  hf_logits, _ = ref.run(model, ids, mask)
+  logits = np.asarray(apply_jit(cfg, params, jnp.asarray(ids), jnp.asarray(mask)).logits)
+  np.testing.assert_allclose(logits[0], hf_logits[0], atol=ATOL, rtol=0)
+  np.testing.assert_allclose(logits[1, 3:], hf_logits[1, 3:], atol=ATOL, rtol=0)
+
+
+def test_pad_token_embedding_gets_no_gradient_like_hf(hf_causal):
+  """HF's nn.Embedding(padding_idx=pad_token_id): the same embedding gradient, zero on the pad
+  row, when the batch contains pad tokens."""
+  import jax
+  import torch
+  model, path = hf_causal("maverick")
+  cfg, params = l4.load_hf(path)
+  pad = cfg.text.pad_token_id
+  ids = _ids(seed=4, batch=2, length=12)
+  ids[:, -3:] = pad
+  w = np.random.RandomState(5).randn(2, 12, cfg.text.vocab_size).astype(np.float32)
+  model.zero_grad()
+  (model(input_ids=torch.as_tensor(ids)).logits * torch.as_tensor(w)).sum().backward()
+  hf_grad = model.model.embed_tokens.weight.grad.numpy()
+  grad = jax.grad(lambda p: jnp.sum(apply_jit(cfg, p, jnp.asarray(ids)).logits * w))(params)
+  assert np.abs(hf_grad[pad]).max() == 0 and np.abs(np.asarray(grad["embed"][pad])).max() == 0
+  np.testing.assert_allclose(grad["embed"], hf_grad, atol=1e-4, rtol=0)
+  assert np.abs(hf_grad).max() > 1e-2

@@ -8,11 +8,11 @@ detected by `jax.distributed`) or with `--coordinator HOST:PORT --num-processes 
 import argparse
 import sys
 
-from train import config as config_lib
+from train import cli, config as config_lib, workdir
 
 
 def make_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="llama4-train", description=__doc__)
+  parser = cli.Parser(prog="llama4-train", description=__doc__)
   parser.add_argument("config", nargs="?", help="YAML recipe (configs/...)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="typed override, e.g. --set optim.lr=1e-3 (repeatable)")
@@ -22,29 +22,34 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
   parser.add_argument("--num-processes", type=int, help="processes (hosts) in the job")
   parser.add_argument("--process-id", type=int, help="this process's index")
+  cli.add_debug(parser)
   return parser
 
 
 def main(argv=None) -> int:
   parser = make_parser()
   args = parser.parse_args(argv)
+  if args.config is None and not args.report:
+    parser.error("a CONFIG.yaml is required (or --report WORKDIR)")
+  try:
+    return cli.run("llama4-train", lambda: _main(args), args.debug)
+  except workdir.Interrupted as e:  # saved; a scheduler must not take the run as finished
+    print(f"llama4-train: {e}", file=sys.stderr)
+    return 143
+
+
+def _main(args) -> int:
   if args.report:
     from train import report
     print(report.write(args.report))
     return 0
-  if args.config is None:
-    parser.error("a CONFIG.yaml is required (or --report WORKDIR)")
   from train import pipeline
-  try:
-    recipe = config_lib.read_yaml(args.config)
-    staged = "pipeline" in recipe
-    if staged:
-      pipeline.stages(recipe, tuple(args.set))  # every stage checked before anything starts
-    else:
-      cfg = config_lib.load(args.config, tuple(args.set))
-  except (config_lib.ConfigError, FileNotFoundError) as e:
-    print(f"llama4-train: {e}", file=sys.stderr)
-    return 2
+  recipe = config_lib.read_yaml(args.config)
+  staged = "pipeline" in recipe
+  if staged:
+    pipeline.stages(recipe, tuple(args.set))  # every stage checked before anything starts
+  else:
+    cfg = config_lib.load(args.config, tuple(args.set))
   if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
     import jax
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)

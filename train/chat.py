@@ -39,8 +39,18 @@ def check_record(record, where: str) -> list[dict]:
   return messages
 
 
+def prompt_messages(prompt, where: str) -> list:
+  """A record's `prompt`: a string (one user turn) or a list of messages."""
+  if isinstance(prompt, str):
+    return [{"role": "user", "content": prompt}]
+  if not isinstance(prompt, list):
+    raise ValueError(f"{where}: 'prompt' must be a string or a list of messages, got {prompt!r:.60}")
+  return prompt
+
+
 def read_jsonl(path: str, check) -> list:
-  """`check(record, "path:line")` of every non-empty line; the first bad line raises, named."""
+  """`check(record, "path:line")` of every non-empty line; the first bad line raises, named, and
+  so does a file with no records."""
   out = []
   with open(path) as f:
     for n, line in enumerate(f, 1):
@@ -50,6 +60,8 @@ def read_jsonl(path: str, check) -> list:
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{n}: not JSON ({e})") from e
         out.append(check(record, f"{path}:{n}"))
+  if not out:
+    raise ValueError(f"data file {path} holds no records")
   return out
 
 

@@ -5,6 +5,7 @@ names the key and the expected type. `--set a.b=value` values are parsed as YAML
 checked like the file's values. Nothing is `eval`ed.
 """
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,26 @@ PRESETS = {"tiny": l4.presets.tiny, "tiny_multimodal": l4.presets.tiny_multimoda
 
 class ConfigError(ValueError):
   """A recipe that does not match the dataclasses, naming the offending key."""
+
+
+def _require(section: str, obj, rule: str, ok, *names: str) -> None:
+  """Raises naming `section.name` for the first field (unset: None is allowed) failing `ok`."""
+  for name in names:
+    value = getattr(obj, name)
+    if value is not None and not (math.isfinite(value) and ok(value)):
+      raise ValueError(f"{section}.{name}={value!r}: must be {rule}")
+
+
+def at_least(section: str, obj, low, *names: str) -> None:
+  _require(section, obj, f">= {low}", lambda v: v >= low, *names)
+
+
+def positive(section: str, obj, *names: str) -> None:
+  _require(section, obj, "a finite number > 0", lambda v: v > 0, *names)
+
+
+def fraction(section: str, obj, *names: str) -> None:
+  _require(section, obj, "in [0, 1)", lambda v: 0 <= v < 1, *names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +122,19 @@ class DataConfig:
   row_tiles: int = 17                       # tiles per row: 16 + a global tile = one full image
 
   def __post_init__(self):
-    if self.image_tiles < 1 or self.row_tiles < 1:
-      raise ValueError(f"data.image_tiles={self.image_tiles} and data.row_tiles={self.row_tiles} "
-                       f"must be >= 1")
+    at_least("data", self, 1, "batch_size", "packing_bins", "image_tiles", "row_tiles")
+    at_least("data", self, 2, "seq_len")  # a row must hold an input and its next token
+    at_least("data", self, 0, "seed")
+    for i, w in enumerate(self.weights):
+      if not (math.isfinite(w) and w >= 0):
+        raise ValueError(f"data.weights[{i}]={w!r}: must be a finite number >= 0")
+    if self.weights and not sum(self.weights) > 0:
+      raise ValueError(f"data.weights={list(self.weights)}: at least one must be > 0")
+    if self.weights and self.paths and len(self.weights) != len(self.paths):
+      raise ValueError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} "
+                       f"data.paths")
+    if self.synthetic is not None and self.paths:
+      raise ValueError("data.synthetic and data.paths are both set; pick one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +153,18 @@ class OptimConfig:
   z_loss: float = 0.0
   loss_chunk: int = 0                       # positions per LM-head/CE chunk (0: the whole row)
   load_balance: float = 0.0                 # coefficient of the MoE load-balance loss
+  skip_nonfinite: int = 0                   # steps with a non-finite loss/gradient skipped (no
+                                            #   update) before the run stops; 0: stop at the first
 
   def __post_init__(self):
     if self.schedule not in ("cosine", "wsd", "constant"):
       raise ValueError(f"optim.schedule={self.schedule!r}; valid: cosine, wsd, constant")
-    if self.grad_accum < 1:
-      raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+    positive("optim", self, "lr", "eps")
+    at_least("optim", self, 1, "grad_accum")
+    at_least("optim", self, 0, "warmup_steps", "decay_steps", "weight_decay", "clip_norm",
+             "z_loss", "loss_chunk", "load_balance", "skip_nonfinite")
+    fraction("optim", self, "b1", "b2")
+    _require("optim", self, "in [0, 1]", lambda v: 0 <= v <= 1, "min_lr_ratio")
 
 
 METAP_MODULES = ("embedding", "attn_rope", "attn_nope", "ffn_dense", "ffn_expert", "ffn_shared",
@@ -170,8 +207,11 @@ class MetaPConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   every: int = 100
-  keep: int = 2
+  keep: int = 2                             # newest checkpoints kept (>= 1: one always stays)
   async_save: bool = True
+
+  def __post_init__(self):
+    at_least("checkpoint", self, 1, "every", "keep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +293,12 @@ class RunConfig:
   mesh: MeshConfig = MeshConfig(data=-1)  # all devices data-parallel
 
   def __post_init__(self):
+    at_least("run", self, 1, "steps", "log_every")
+    at_least("run", self, 0, "seed")
+    positive("run", self, "peak_flops_per_device")
+    if self.data.batch_size % self.optim.grad_accum:
+      raise ValueError(f"data.batch_size={self.data.batch_size} is not divisible by "
+                       f"optim.grad_accum={self.optim.grad_accum}")
     if self.dpo is not None and self.rl is not None:
       raise ValueError("dpo and rl are both set: a run is one stage")
     if self.rl is not None and self.lora is not None:
@@ -279,6 +325,8 @@ def _convert(value: Any, tp, key: str):
         return _convert(value, a, key)
       except ConfigError as e:
         errors.append(e)
+    if len(errors) == 1:  # `X | None`: X's own error names the key inside it
+      raise errors[0]
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
   if dataclasses.is_dataclass(tp):
     if isinstance(value, tp):
@@ -331,11 +379,19 @@ def _apply_override(d: dict, assignment: str) -> None:
     node = node.setdefault(k, {})
     if not isinstance(node, dict):
       raise ConfigError(f"--set {path}: {k} is not a section")
-  node[keys[-1]] = yaml.safe_load(raw)
+  try:
+    node[keys[-1]] = yaml.safe_load(raw)
+  except yaml.YAMLError as e:
+    raise ConfigError(f"--set {path}: cannot parse the value {raw!r} ({e})") from e
 
 
 def read_yaml(path: str | Path) -> dict:
-  d = yaml.safe_load(Path(path).read_text()) or {}
+  try:
+    d = yaml.safe_load(Path(path).read_text()) or {}
+  except yaml.YAMLError as e:
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark else str(path)
+    raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from e
   if not isinstance(d, dict):
     raise ConfigError(f"{path}: the top level must be a mapping")
   return d

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import llama4_jax as l4
 from llama4_jax import config as config_lib, convert, hf_io
+from train import cli
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 ST_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
@@ -88,12 +89,14 @@ def _text_dtype(d: hf_io.HFDir, dtype):
   return np.dtype(hf_io.DTYPES[stored.pop()])
 
 
-def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True) -> Path:
+def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True,
+                overwrite: bool = False) -> Path:
   """Streams a HF directory into CKPT_DIR (see the module docstring); returns its path."""
+  hf_io.check_output(out_dir, (hf_dir,), overwrite)
   d = hf_io.inspect(hf_dir)  # every problem is found before anything is written
   dtype = _text_dtype(d, dtype)
   out = Path(out_dir)
-  with hf_io.atomic_dir(out) as tmp:
+  with hf_io.atomic_dir(out, (hf_dir,), overwrite) as tmp:
     leaves = leaf_shapes(d.cfg, dtype)
     stacked = {base + p for rule, base, row in convert.routes(d.cfg).values() if row is not None
                for p in rule.ours}
@@ -180,8 +183,10 @@ def _plan_shards(entries: list, max_shard_bytes: int) -> list[list]:
   return shards
 
 
-def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
+def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = True,
+                overwrite: bool = False) -> Path:
   """Streams a params checkpoint into a HF directory `from_pretrained` loads."""
+  hf_io.check_output(hf_dir, (src,), overwrite)
   s = _Source(src)
   table = convert.routes(s.cfg)
   produce = {}  # HF name -> (shape, dtype, function reading it)
@@ -198,18 +203,19 @@ def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = 
   hf_config = s.hf_config or config_lib.to_hf(
       s.cfg, dtype=hf_io.DTYPE_NAMES[max(dtypes, key=lambda d: d.itemsize)])
   out = Path(hf_dir)
-  with hf_io.atomic_dir(out) as tmp:
+  with hf_io.atomic_dir(out, (src,), overwrite) as tmp:
     _write_hf(tmp, _plan_shards(entries, max_shard_bytes), produce, progress)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
   return out
 
 
-def merge_lora(step_dir, out_dir, dtype=None) -> Path:
+def merge_lora(step_dir, out_dir, dtype=None, overwrite: bool = False) -> Path:
   """A LoRA (or QLoRA) training step merged into its base -> CKPT_DIR (config.json + params/), the
   format `orbax-to-hf` converts and `model.init_from_checkpoint` starts from. In host memory."""
   import orbax.checkpoint as ocp
   from train import config as run_config, loop
   step_dir = Path(step_dir)
+  hf_io.check_output(out_dir, (step_dir,), overwrite)
   if not (step_dir.parent / "run.json").is_file():
     raise hf_io.CheckpointError(f"{step_dir}: not a training step (no run.json beside it)")
   run = run_config.from_dict(run_config.RunConfig,
@@ -221,7 +227,7 @@ def merge_lora(step_dir, out_dir, dtype=None) -> Path:
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params = loop._restore_params(step_dir, cfg, sharding, dtype)
   out = Path(out_dir)
-  with hf_io.atomic_dir(out) as tmp:
+  with hf_io.atomic_dir(out, (step_dir,), overwrite) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:  # closing waits for the write
       checkpointer.save((tmp / "params").absolute(), params)
     hf_config = config_lib.to_hf(cfg, dtype=hf_io.DTYPE_NAMES[np.dtype(dtype)])
@@ -251,35 +257,37 @@ def _write_hf(out: Path, shards: list[list], produce: dict, progress: bool) -> N
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="llama4-convert", description=__doc__,
+  parser = cli.Parser(prog="llama4-convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   a = sub.add_parser("hf-to-orbax", help="HF directory -> CKPT_DIR")
-  a.add_argument("src")
-  a.add_argument("dst")
   a.add_argument("--dtype", choices=sorted(DTYPES), help="default: as stored")
   b = sub.add_parser("orbax-to-hf", help="CKPT_DIR or WORKDIR/checkpoints/STEP -> HF directory")
-  b.add_argument("src")
-  b.add_argument("dst")
   b.add_argument("--max-shard-gb", type=float, default=5.0)
   c = sub.add_parser("merge-lora", help="a LoRA/QLoRA run's WORKDIR/checkpoints/STEP -> CKPT_DIR "
                                          "(base + adapters)")
-  c.add_argument("src")
-  c.add_argument("dst")
   c.add_argument("--dtype", choices=sorted(DTYPES), help="default: the run's param_dtype")
+  for p in (a, b, c):
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty DST (never the source, inside it or above it)")
+    cli.add_debug(p)
   args = parser.parse_args(argv)
-  try:
+  if args.command == "orbax-to-hf" and not args.max_shard_gb > 0:
+    parser.error(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
+
+  def convert() -> int:
     if args.command == "hf-to-orbax":
-      out = hf_to_orbax(args.src, args.dst, DTYPES.get(args.dtype))
+      out = hf_to_orbax(args.src, args.dst, DTYPES.get(args.dtype), overwrite=args.overwrite)
     elif args.command == "merge-lora":
-      out = merge_lora(args.src, args.dst, DTYPES.get(args.dtype))
+      out = merge_lora(args.src, args.dst, DTYPES.get(args.dtype), args.overwrite)
     else:
-      out = orbax_to_hf(args.src, args.dst, int(args.max_shard_gb * 2**30))
-  except (hf_io.CheckpointError, ValueError, OSError) as e:
-    print(f"llama4-convert: {e}", file=sys.stderr)
-    return 2
-  print(out)
-  return 0
+      out = orbax_to_hf(args.src, args.dst, int(args.max_shard_gb * 2**30),
+                        overwrite=args.overwrite)
+    print(out)
+    return 0
+  return cli.run("llama4-convert", convert, args.debug)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,15 @@ def check_paths(paths: tuple[str, ...]) -> None:
       raise FileNotFoundError(f"data file {p} does not exist")
 
 
+CHECKED_RECORDS = 100  # ArrayRecord records validated before training (JSONL/Parquet: all)
+
+
+def _text(value, where: str) -> str:
+  if not isinstance(value, str):
+    raise ValueError(f"{where}: 'text' must be a string, got {type(value).__name__} {value!r:.60}")
+  return value
+
+
 def _read_jsonl(path: str) -> list[str]:
   texts = []
   with open(path) as f:
@@ -46,28 +55,54 @@ def _read_jsonl(path: str) -> list[str]:
       if not line.strip():
         continue
       try:
-        texts.append(json.loads(line)["text"])
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not JSON ({e})") from e
+      if not isinstance(record, dict) or "text" not in record:
+        raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field")
+      texts.append(_text(record["text"], f"{path}:{n}"))
   return texts
 
 
-def _decode_record(r) -> str:
-  s = r.decode("utf-8") if isinstance(r, bytes) else r
-  if s.startswith("{"):
-    return json.loads(s)["text"]
-  return s
+def _read_parquet(path: str) -> list[str]:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  try:
+    column = pq.read_table(path, columns=["text"]).column("text")
+  except (pa.ArrowInvalid, KeyError) as e:
+    raise ValueError(f"{path}: cannot read a 'text' column ({e})") from e
+  texts = column.to_pylist()
+  for i, t in enumerate(texts):
+    _text(t, f"{path}: row {i}")
+  return texts
+
+
+def _decode_record(path: str, i: int, r) -> str:
+  where = f"{path}: record {i}"
+  try:
+    s = r.decode("utf-8") if isinstance(r, bytes) else r
+    return _text(json.loads(s)["text"], where) if s.startswith("{") else s
+  except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f"{where}: expected UTF-8 text or a JSON object with a 'text' string "
+                     f"({type(e).__name__}: {e})") from e
 
 
 def source(path: str) -> grain.MapDataset:
-  """A MapDataset of document strings."""
+  """A MapDataset of document strings; an empty source or a bad record raises naming it (JSONL
+  and Parquet are checked whole, ArrayRecord's first CHECKED_RECORDS here, the rest when read)."""
   suffix = Path(path).suffix
   if suffix == ".jsonl":
-    return grain.MapDataset.source(_read_jsonl(path))
-  if suffix == ".parquet":
-    import pyarrow.parquet as pq
-    return grain.MapDataset.source(pq.read_table(path, columns=["text"]).column("text").to_pylist())
-  return grain.MapDataset.source(grain.sources.ArrayRecordDataSource([path])).map(_decode_record)
+    ds = grain.MapDataset.source(_read_jsonl(path))
+  elif suffix == ".parquet":
+    ds = grain.MapDataset.source(_read_parquet(path))
+  else:
+    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource([path])).map_with_index(
+        lambda i, r: _decode_record(path, i, r))
+    for i in range(min(len(ds), CHECKED_RECORDS)):
+      ds[i]
+  if not len(ds):
+    raise ValueError(f"data file {path} holds no records")
+  return ds
 
 
 def tokenize_fn(tok, seq_len: int) -> Callable[[str], dict]:

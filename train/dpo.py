@@ -25,8 +25,7 @@ def check_pair(record, where: str) -> dict:
   """The pair as {"messages", "chosen", "rejected"}, or a ValueError naming `where`."""
   if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= set(record):
     raise ValueError(f"{where}: expected {{'prompt', 'chosen', 'rejected'}}")
-  prompt = record["prompt"]
-  messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+  messages = chat.prompt_messages(record["prompt"], where)
   for k in ("chosen", "rejected"):
     if not isinstance(record[k], str) or not record[k].strip():
       raise ValueError(f"{where}: an empty preference pair: {k!r} is {record[k]!r}")

@@ -5,7 +5,6 @@ the device. SIGTERM saves a checkpoint and exits cleanly; a restart from the sam
 from the latest checkpoint, data iterator included, and recomputes bit-identical steps.
 """
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -21,9 +20,9 @@ from tqdm import tqdm
 import llama4_jax as l4
 from llama4_jax.config import from_hf, text_to_hf
 import sharding
-from train import (chat, checkpoint, config as config_lib, data, dpo, lora, metap,
-                   metrics as metrics_lib, mmdata, optim, pretrain, rl, step as step_lib,
-                   tokenizer as tokenizer_lib)
+from train import (chat, checkpoint, config as config_lib, data, dpo, health as health_lib, lora,
+                   metap, metrics as metrics_lib, mmdata, optim, pretrain, rl, step as step_lib,
+                   tokenizer as tokenizer_lib, workdir as workdir_lib)
 from train.config import RunConfig, to_dict
 
 
@@ -157,16 +156,6 @@ def _rl_data(cfg: RunConfig, t, workdir: Path):
   return rl.Rollouts(t.model_cfg, cfg.rl, cfg.data, records, tok, reference), params
 
 
-class _Sigterm:
-  def __init__(self):
-    self.received = False
-    signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.received = True
-
-
 def resolve_table(cfg: RunConfig, model_cfg: l4.Config) -> metap.Table:
   """The run's MetaP table: `cfg.metap` against this run's shapes, batch and token budget."""
   batch_tokens = cfg.data.batch_size * cfg.data.seq_len
@@ -258,16 +247,21 @@ def _freeze(cfg: RunConfig, t: Trainer, params=None):
 
 
 def _resume_or_start(cfg: RunConfig, t: Trainer, ckpt, data_iter, params=None):
-  """(first step, state): the latest checkpoint of the workdir, or a fresh start (from `params`
-  when they are already loaded)."""
-  start = ckpt.latest_step() or 0
-  if not start:
-    return 0, initial_state(cfg, t, params)
+  """(first step, state): the newest checkpoint of the workdir that restores, or a fresh start
+  (from `params` when they are already loaded)."""
   # restored straight into this run's shardings, whatever mesh saved it
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         t.abstract_state, t.state_shardings.replace(frozen=None))
-  state = ckpt.restore(start, target, data_iter)
+  start, state = ckpt.restore_newest(target, data_iter)
+  if not start:
+    return 0, initial_state(cfg, t, params)
   return start, state if cfg.lora is None else state.replace(frozen=_freeze(cfg, t, params))
+
+
+def _model_key(cfg: RunConfig, model_cfg: l4.Config) -> dict:
+  """What a checkpoint's shapes depend on: a run with other values cannot resume it."""
+  return {"text": text_to_hf(model_cfg.text), "multimodal": model_cfg.vision is not None,
+          "lora": None if cfg.lora is None else to_dict(cfg.lora)}
 
 
 def _log_table(table: metap.Table, workdir: Path) -> None:
@@ -279,9 +273,39 @@ def _log_table(table: metap.Table, workdir: Path) -> None:
 
 
 def run(cfg: RunConfig) -> dict:
-  """Trains per `cfg`; returns the last step's metrics record."""
+  """Trains per `cfg`; returns the last step's metrics record. Raises workdir.Interrupted after
+  saving on SIGTERM, health.Diverged on a non-finite step past `optim.skip_nonfinite`, and
+  workdir.Locked when another run holds the workdir. A workdir this call created is removed
+  again when it fails before writing any file."""
+  model_cfg = cfg.model.build()
+  _precheck(cfg, model_cfg)
   workdir = Path(cfg.workdir)
+  created = not workdir.exists()
   workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    with workdir_lib.lock(workdir):
+      return _run(cfg, workdir)
+  except BaseException:
+    if created:
+      workdir_lib.remove_if_empty(workdir)
+    raise
+
+
+def _precheck(cfg: RunConfig, model_cfg: l4.Config) -> None:
+  """What can be checked before the workdir is touched: devices, init source, tokenizer, files."""
+  sharding.resolve(cfg.mesh, jax.device_count())
+  if cfg.model.init_from_hf is not None:
+    l4.hf_io.inspect(cfg.model.init_from_hf)  # headers only
+  source = cfg.model.init_from_checkpoint
+  if source is not None and not Path(source).is_dir():
+    raise FileNotFoundError(f"model.init_from_checkpoint={source}: no such directory")
+  _check_vocab(tokenizer_lib.load(cfg.data.tokenizer, model_cfg.vision is not None), model_cfg)
+  if cfg.data.synthetic is None and cfg.data.synthetic_images is None:
+    data.check_paths(cfg.data.paths)
+
+
+def _setup(cfg: RunConfig, workdir: Path):
+  """(trainer, data iterator, checkpointer, first step, state): every input is checked here."""
   model_cfg = cfg.model.build()
   params = None  # set when DPO's reference pass has already loaded the starting params
   data_iter = _data(cfg, model_cfg, workdir) if cfg.dpo is None and cfg.rl is None else None
@@ -290,22 +314,22 @@ def run(cfg: RunConfig) -> dict:
     data_iter, params = _dpo_data(cfg, t, workdir)
   elif cfg.rl is not None:
     data_iter, params = _rl_data(cfg, t, workdir)
-  mesh, batch_sharding, train_step = t.mesh, t.batch_sharding, t.train_step
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))
+  ckpt.agree("model.json", _model_key(cfg, t.model_cfg))
   ckpt.agree("metap.json", t.table.key)  # a different proxy/preset cannot resume these
   _log_table(t.table, workdir)
   start, state = _resume_or_start(cfg, t, ckpt, data_iter, params)
-  del params  # the state owns them now (the first step donates its buffers)
+  return t, data_iter, ckpt, start, state
 
-  flops_per_token = metrics_lib.train_flops_per_token(model_cfg.text, cfg.data.seq_len)
-  peak, peak_source = metrics_lib.peak_flops(cfg.peak_flops_per_device,
-                                             jnp.dtype(cfg.model.compute_dtype))
+
+def _run(cfg: RunConfig, workdir: Path) -> dict:
+  t, data_iter, ckpt, start, state = _setup(cfg, workdir)
+  flops_per_token = metrics_lib.train_flops_per_token(t.model_cfg.text, cfg.data.seq_len)
+  peak = _peak(cfg, workdir)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   sinks = metrics_lib.Sinks(workdir, start)
-  sigterm = _Sigterm()
+  sigterm, health = workdir_lib.Sigterm(), health_lib.Health(cfg.optim.skip_nonfinite)
   bar = tqdm(total=cfg.steps, initial=start, disable=jax.process_index() != 0, desc="train")
-  (workdir / "config.json").write_text(json.dumps({**to_dict(cfg), "peak_flops": peak,
-                                                   "peak_source": peak_source}, indent=2))
   pending, last, record = None, time.perf_counter(), {}
 
   def flush(pending):
@@ -314,37 +338,59 @@ def run(cfg: RunConfig) -> dict:
     fetched = jax.device_get(m)  # blocks on step n only; step n+1 is already queued
     now = time.perf_counter()
     rec = metrics_lib.to_record(n, fetched, now - last, tokens_per_step, flops_per_token, peak,
-                                mesh.size)
+                                t.mesh.size)
     last = now
     rec.update(host_metrics)
-    sinks.write(rec)
+    try:
+      health.check(rec, ckpt.latest_step())
+    finally:  # the step that raised the alarm is recorded too
+      sinks.write(rec)
     bar.update(1)
     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     return rec
 
-  for n in range(start, cfg.steps):
-    if cfg.rl is None:
-      local, host_metrics = next(data_iter), {}
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-               for k, v in local.items()}
-    else:  # sampled by the current policy; every process holds the global batch
-      rows, host_metrics = data_iter.next_batch(state.params, n)
-      batch = {k: jax.make_array_from_callback(v.shape, batch_sharding, lambda i, v=v: v[i])
-               for k, v in rows.items()}
-    state, m = train_step(state, batch)
+  try:
+    for n in range(start, cfg.steps):
+      batch, host_metrics = _next_batch(cfg, t, data_iter, state, n)
+      state, m = t.train_step(state, batch)
+      if pending is not None:
+        record = flush(pending)
+      pending = (n, m, host_metrics)
+      if sigterm.received or ckpt.should_save(n + 1):
+        record, pending = flush(pending), None  # a state is saved only once its step is checked
+        ckpt.save(n + 1, state.replace(frozen=None), data_iter, force=sigterm.received)
+      if sigterm.received:
+        break
     if pending is not None:
       record = flush(pending)
-    pending = (n, m, host_metrics)
-    ckpt.save(n + 1, state.replace(frozen=None), data_iter, force=sigterm.received)
-    if sigterm.received:
-      break
-  if pending is not None:
-    record = flush(pending)
-  if ckpt.latest_step() != int(state.step):
-    ckpt.save(int(state.step), state.replace(frozen=None), data_iter, force=True)
-  for closable in (ckpt, sinks, bar, data_iter):
-    closable.close()
-  if cfg.report and jax.process_index() == 0 and not sigterm.received:
+    if ckpt.latest_step() != int(state.step):
+      ckpt.save(int(state.step), state.replace(frozen=None), data_iter, force=True)
+  finally:
+    for closable in (ckpt, sinks, bar, data_iter, sigterm):
+      closable.close()
+  if sigterm.received:
+    raise workdir_lib.Interrupted(int(state.step))
+  if cfg.report and jax.process_index() == 0:
     from train import report
     report.write(workdir)
   return record
+
+
+def _peak(cfg: RunConfig, workdir: Path) -> float:
+  """Peak FLOP/s per device, recorded with the recipe in WORKDIR/config.json."""
+  peak, source = metrics_lib.peak_flops(cfg.peak_flops_per_device,
+                                        jnp.dtype(cfg.model.compute_dtype))
+  (workdir / "config.json").write_text(json.dumps({**to_dict(cfg), "peak_flops": peak,
+                                                   "peak_source": source}, indent=2))
+  return peak
+
+
+def _next_batch(cfg: RunConfig, t: Trainer, data_iter, state, n: int):
+  """(global batch, host metrics) for step n."""
+  if cfg.rl is None:
+    local = next(data_iter)
+    return {k: jax.make_array_from_process_local_data(t.batch_sharding, v)
+            for k, v in local.items()}, {}
+  rows, host_metrics = data_iter.next_batch(state.params, n)  # every process: the global batch
+  return {k: jax.make_array_from_callback(v.shape, t.batch_sharding, lambda i, v=v: v[i])
+          for k, v in rows.items()}, host_metrics

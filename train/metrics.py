@@ -1,5 +1,6 @@
 """Model FLOPs, hardware peak and MFU; metric sinks (metrics.jsonl and TensorBoard)."""
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +67,26 @@ def peak_flops(override: float | None, dtype) -> tuple[float, str]:
   return measure_matmul_peak(dtype), f"measured matmul on {kind}"
 
 
+def _records_before(path: Path, step: int) -> list[str]:
+  """metrics.jsonl's lines of steps before `step` (later ones are recomputed after a restart).
+  A torn last line (a kill mid-write) is dropped; a bad line elsewhere raises, named."""
+  lines = path.read_text().split("\n")
+  keep = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if all(not rest.strip() for rest in lines[n:]):
+        print(f"{path}:{n}: dropped a torn last line", file=sys.stderr)
+        break
+      raise ValueError(f"{path}:{n}: not a JSON record ({e}); fix or remove the line") from e
+    if record["step"] < step:
+      keep.append(line)
+  return keep
+
+
 class Sinks:
   """metrics.jsonl (one object per step) and TensorBoard scalars, on process 0 only."""
 
@@ -75,11 +96,8 @@ class Sinks:
     self.tb = None
     if not self.active:
       return
-    # Lines past the restored step are recomputed after a restart: drop them.
     if self.path.exists():
-      keep = [l for l in self.path.read_text().splitlines()
-              if l.strip() and json.loads(l)["step"] < resume_step]
-      self.path.write_text("".join(l + "\n" for l in keep))
+      self.path.write_text("".join(l + "\n" for l in _records_before(self.path, resume_step)))
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(str(workdir / "tensorboard"))
     self.file = self.path.open("a")

@@ -37,10 +37,18 @@ def read_records(path: str) -> list[dict]:
         text, images = r["text"], r.get("images", [])
       except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{where}: expected a JSON object with 'text' and 'images' ({e})") from e
+      if not isinstance(text, str):
+        raise ValueError(f"{where}: 'text' must be a string, got {text!r:.60}")
       if not isinstance(images, list) or text.count(PLACEHOLDER) != len(images):
         raise ValueError(f"{where}: the text has {text.count(PLACEHOLDER)} {PLACEHOLDER} "
                          f"placeholders but 'images' lists {images!r}")
+      for image in images:
+        if not isinstance(image, str) or not (base / image).is_file():
+          raise ValueError(f"{where}: image {image!r} is not a file (paths are relative to "
+                           f"{base})")
       records.append({"text": text, "images": [str(base / p) for p in images], "where": where})
+  if not records:
+    raise ValueError(f"data file {path} holds no records")
   return records
 
 

@@ -85,10 +85,7 @@ def run(d: dict, overrides: tuple[str, ...] = ()) -> list[dict]:
     start = evaluate.starting_params(cfg)
     before = evaluate.measure(cfg, start, examples, start=start)
     del start  # not held on the device while the stage trains
-    record = loop.run(cfg)
-    if not (workdir / "checkpoints" / str(cfg.steps)).is_dir():  # interrupted (SIGTERM)
-      print(f"[pipeline] {name}: stopped before step {cfg.steps}; run again to resume")
-      return summaries
+    record = loop.run(cfg)  # SIGTERM raises workdir.Interrupted: a rerun resumes this stage
     after = evaluate.measure(cfg, evaluate.final_params(cfg), examples)
     summary = {"stage": name, "steps": cfg.steps, "before": before, "after": after,
                "final_train_loss": record.get("loss")}

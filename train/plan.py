@@ -95,26 +95,28 @@ def format_plan(p: dict) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="llama4-plan", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  from train import cli
+  parser = cli.Parser(prog="llama4-plan", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("config", help="YAML recipe, e.g. configs/scout/pretrain.yaml")
   parser.add_argument("--devices", type=int, required=True, help="simulated device count")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+  cli.add_debug(parser)
   args = parser.parse_args(argv)
+  if not 1 <= args.devices <= 65536:
+    parser.error(f"--devices must be in [1, 65536], got {args.devices}")
   if "jax" in sys.modules:
     raise RuntimeError("llama4-plan must set the fake device count before jax is imported")
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={args.devices}")
-  from train import config as config_lib
-  try:
+
+  def run() -> int:
     p = plan(args.config, tuple(args.set))
-  except (ValueError, config_lib.ConfigError, FileNotFoundError) as e:
-    print(f"llama4-plan: {e}", file=sys.stderr)
-    return 2
-  print(json.dumps(p) if args.json else format_plan(p))
-  return 0
+    print(json.dumps(p) if args.json else format_plan(p))
+    return 0
+  return cli.run("llama4-plan", run, args.debug)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ from train.config import DataConfig, RLConfig
 def check_prompt(record, where: str) -> dict:
   if not isinstance(record, dict) or "prompt" not in record or "answer" not in record:
     raise ValueError(f"{where}: expected {{'prompt', 'answer'}}")
-  prompt = record["prompt"]
-  messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+  answer = record["answer"]
+  if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer) == "":
+    raise ValueError(f"{where}: 'answer' must be a non-empty string or a number, got {answer!r}")
+  messages = chat.prompt_messages(record["prompt"], where)
   chat.check_record({"messages": messages + [{"role": "assistant", "content": "-"}]}, where)
   return {"messages": messages, "answer": str(record["answer"]), "where": where}
 

@@ -63,8 +63,14 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr: opt
     updates, opt_state = tx.update(grads, state.opt_state, params32)
     params = jax.tree.map(lambda p, new: new.astype(p.dtype), state.params,
                           optax.apply_updates(params32, updates))
-    out = {"loss": loss / denom, "tokens": n, "grad_norm": optax.tree.norm(grads),
-           "lr": lr(state.step)}
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient leaves params and optimizer state as they were (the host
+    # decides whether the run goes on: train/health.py); the step counter still advances.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    out = {"loss": loss / denom, "tokens": n, "grad_norm": grad_norm, "lr": lr(state.step),
+           "nonfinite": 1 - finite.astype(jnp.int32)}
     for k, v in metrics.items():
       out[k[:-4] if k.endswith("_sum") else k] = v / denom if k.endswith("_sum") else v
     return TrainState(state.step + 1, params, opt_state, state.frozen), out

@@ -11,7 +11,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from train import config as config_lib
+from llama4_jax import hf_io
+from train import cli, config as config_lib
 import sharding
 
 TEMPLATES = {"skypilot": "skypilot.yaml", "slurm": "slurm.sbatch", "xpk": "xpk.sh"}
@@ -58,8 +59,8 @@ def render(engine: str, config: str, hosts: int, devices_per_host: int, override
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="llama4-launch", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.Parser(prog="llama4-launch", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("engine", choices=sorted(TEMPLATES))
   p.add_argument("config", help="YAML recipe, e.g. configs/scout/pretrain.yaml")
   p.add_argument("--hosts", type=int, required=True, help="machines (one process each)")
@@ -70,16 +71,26 @@ def main(argv=None) -> int:
     p.add_argument(f"--{key.replace('_', '-')}", dest=key, help=f"default: {default}")
   p.add_argument("--name", help="job name (default: llama4-<dir>-<recipe>)")
   p.add_argument("-o", "--output", help="write here instead of stdout")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+  cli.add_debug(p)
   args = vars(p.parse_args(argv))
-  out = args.pop("output")
-  try:
+  for flag in ("hosts", "devices_per_host"):
+    if args[flag] < 1:
+      p.error(f"--{flag.replace('_', '-')} must be >= 1, got {args[flag]}")
+  out, debug, overwrite = args.pop("output"), args.pop("debug"), args.pop("overwrite")
+  recipe = args["config"]
+
+  def launch() -> int:
     text = render(args.pop("engine"), args.pop("config"), args.pop("hosts"),
                   args.pop("devices_per_host"), args.pop("set"), **args)
-  except (ValueError, config_lib.ConfigError, FileNotFoundError) as e:
-    print(f"llama4-launch: {e}", file=sys.stderr)
-    return 2
-  if out:
-    Path(out).write_text(text)
-  else:
-    sys.stdout.write(text)
-  return 0
+    if out:
+      hf_io.check_output(out, (recipe,), overwrite)  # never over the recipe itself
+      Path(out).write_text(text)
+    else:
+      sys.stdout.write(text)
+    return 0
+  return cli.run("llama4-launch", launch, debug)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
