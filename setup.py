@@ -33,6 +33,9 @@ setup(
                                       "llama4-plan=train.plan:main",
                                       "llama4-convert=train.convert:main"]},
     extras_require={
+        # libtpu: `llama4-plan --topology` and the TPU compile tests compile for TPU pods on any
+        # machine (AOT); CPU runs are unaffected (JAX_PLATFORMS=cpu in the tests and the planner).
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         # torch 2.13.0 (CPU) comes from a local wheel; any other pin pulls a multi-GB CUDA build.
         "test": [
             "pytest>=8,<10",

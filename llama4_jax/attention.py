@@ -26,6 +26,7 @@ class Context(NamedTuple):
   full_mask_BTS: jax.Array   # causal & same segment & key not padding
   chunk_mask_BTS: jax.Array  # full mask & same attention chunk
   cache_index: jax.Array | None  # where new keys are written into the KV cache (None: no cache)
+  ids_BT: tuple | None = None  # (full, chunked) layers' segment ids for flash kernels (flash.ids)
 
 
 def segment_starts(seg_BS: jax.Array) -> jax.Array:
@@ -97,10 +98,11 @@ def attend_blocked(q_BTNH, k_BTKH, v_BTKH, mask_BTT, window: int | None, block: 
 
 
 def attention(p: dict, x_BTD: jax.Array, ctx: Context, cfg: TextConfig, use_rope: bool,
-              chunked: bool, kv: dict | None = None,
-              attend_fn=None) -> tuple[jax.Array, dict | None]:
+              chunked: bool, kv: dict | None = None, attend_fn=None,
+              flash_fn=None) -> tuple[jax.Array, dict | None]:
   """One attention sublayer. `kv` is this layer's cache {'k','v': [B, S, K, H]} or None.
-  attend_fn(q, k, v, mask, window): self-attention computed elsewhere (context parallelism)."""
+  attend_fn(q, k, v, mask, window): self-attention computed elsewhere (context parallelism);
+  flash_fn(q, k, v, ids, window): a flash kernel on segment ids (llama4_jax/flash.py)."""
   q, k, v = (layers.dense(x_BTD, p[name]) for name in ("q", "k", "v"))
   if use_rope:
     q, k = layers.apply_rope(q, ctx.angles_BTJ), layers.apply_rope(k, ctx.angles_BTJ)
@@ -113,11 +115,14 @@ def attention(p: dict, x_BTD: jax.Array, ctx: Context, cfg: TextConfig, use_rope
     kv = {"k": jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), at),
           "v": jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), at)}
     k, v = kv["k"].astype(q.dtype), kv["v"].astype(q.dtype)
+  window = cfg.attention_chunk_size if chunked else None
   mask = ctx.chunk_mask_BTS if chunked else ctx.full_mask_BTS
-  if kv is None and attend_fn is not None:
-    o = attend_fn(q, k, v, mask, cfg.attention_chunk_size if chunked else None)
+  if kv is None and flash_fn is not None and ctx.ids_BT is not None:
+    o = flash_fn(q, k, v, ctx.ids_BT[int(chunked)], window)  # the [B, T, S] masks go unused
+  elif kv is None and attend_fn is not None:
+    o = attend_fn(q, k, v, mask, window)
   elif kv is None and q.shape[1] >= 2 * QUERY_BLOCK:
-    o = attend_blocked(q, k, v, mask, cfg.attention_chunk_size if chunked else None, QUERY_BLOCK)
+    o = attend_blocked(q, k, v, mask, window, QUERY_BLOCK)
   else:
     o = attend(q, k, v, mask)
   b, t, n, h = o.shape

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama4_jax import attention, layers, moe, vision
+from llama4_jax import attention, flash, layers, moe, vision
 from llama4_jax.config import Config, TextConfig
 
 
@@ -34,6 +34,9 @@ class Hooks(NamedTuple):
     applied at block boundaries, around the MoE and on the logits.
   attend_fn: (q, k, v, mask, window) -> attention output, for self-attention without a cache
     (`sharding.context` passes a context-parallel one); None: computed here.
+  flash_fn: (q, k, v, segment ids, window) -> self-attention by a flash kernel without a cache
+    (`llama4_jax.flash.splash` / `gpu_flash`; `sharding.kernels` wraps them for a mesh); None:
+    the XLA path.
   weights: one layer's params (as scanned) -> its plain weight arrays, at the start of the layer
     (inside remat): where adapters are added or quantized weights dequantized (train/lora.py), one
     layer at a time.
@@ -42,6 +45,7 @@ class Hooks(NamedTuple):
   constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] = layers.unconstrained
   weights: Callable[[dict], dict] = lambda p: p
   attend_fn: Callable | None = None
+  flash_fn: Callable | None = None
 
 
 def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot: int,
@@ -50,7 +54,7 @@ def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot:
   use_rope, chunked, is_moe = cfg.layer_kind(slot)
   x = hooks.constrain(x, ACTIVATION_AXES)
   h, kv = attention.attention(p, layers.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), ctx, cfg,
-                              use_rope, chunked, kv, hooks.attend_fn)
+                              use_rope, chunked, kv, hooks.attend_fn, hooks.flash_fn)
   x = x + h
   y = layers.rms_norm(x, p["ffn_norm"], cfg.rms_norm_eps)
   aux = {}
@@ -190,8 +194,9 @@ def token_context(cfg: TextConfig, batch: int, length: int, attention_mask=None,
   if positions is None:
     positions = chunk if segment_ids is not None else jnp.broadcast_to(idx, (batch, length))
   inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-  return attention.make_context(cfg, idx, idx, seg_q, seg_k, chunk, chunk, temp_pos,
-                                jnp.asarray(positions, jnp.int32), inv_freq)
+  ctx = attention.make_context(cfg, idx, idx, seg_q, seg_k, chunk, chunk, temp_pos,
+                               jnp.asarray(positions, jnp.int32), inv_freq)
+  return ctx._replace(ids_BT=flash.ids(cfg, seg_k, chunk))
 
 
 def apply(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None,

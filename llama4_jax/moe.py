@@ -71,7 +71,9 @@ def expert_ffn_ragged(x_MD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.A
 
 
 def expert_ffn(x_MD, group_sizes_E, gate_EDF, up_EDF, down_EFD) -> jax.Array:
-  """SwiGLU experts over rows sorted by expert (rows past sum(group_sizes) give zeros)."""
+  """SwiGLU experts over rows sorted by expert (rows past sum(group_sizes) give zeros), by the
+  default backend's best algorithm. A caller compiling for another target (a TPU topology from a
+  CPU host) passes `expert_ffn_ragged` or `expert_ffn_blocked` itself (`sharding.kernels`)."""
   if gate_EDF.shape[0] == 1 and jax.default_backend() == "cpu":
     # one (local) expert: a plain FFN, rows past its group give zeros (no per-block weight copies)
     y = layers.swiglu(x_MD, gate_EDF[0], up_EDF[0], down_EFD[0])
@@ -84,7 +86,8 @@ ROW_CHUNK = 8192  # routed rows whose expert FFN work is held at once (forward a
 
 
 def routed_experts(x_ND: jax.Array, token_A: jax.Array, weight_A: jax.Array,
-                   group_sizes_E: jax.Array, p: dict, chunk: int = ROW_CHUNK) -> jax.Array:
+                   group_sizes_E: jax.Array, p: dict, chunk: int = ROW_CHUNK,
+                   ffn: Callable = expert_ffn) -> jax.Array:
   """sum over assignments a of expert(x[token_a] * weight_a), scattered back to the tokens.
 
   Assignments are sorted by expert, group_sizes_E of them each (any past their sum give zeros).
@@ -93,17 +96,16 @@ def routed_experts(x_ND: jax.Array, token_A: jax.Array, weight_A: jax.Array,
   time, forward and backward.
   """
   a, d = token_A.shape[0], x_ND.shape[1]
-  ffn = lambda tok, w, sizes: expert_ffn(x_ND[tok] * w[:, None], sizes, p["gate"], p["up"],
-                                         p["down"])
+  run = lambda tok, w, sizes: ffn(x_ND[tok] * w[:, None], sizes, p["gate"], p["up"], p["down"])
   if a <= chunk:
-    return jnp.zeros_like(x_ND).at[token_A].add(ffn(token_A, weight_A, group_sizes_E))
+    return jnp.zeros_like(x_ND).at[token_A].add(run(token_A, weight_A, group_sizes_E))
   # Pad to whole chunks: padded rows lie past sum(group_sizes), so they give zeros.
   token_A, weight_A = (jnp.pad(v, (0, -a % chunk)) for v in (token_A, weight_A))
   ends_E = jnp.cumsum(group_sizes_E)
   starts_C = jnp.arange(token_A.shape[0] // chunk)[:, None] * chunk
   clip = lambda v: jnp.clip(v[None, :], starts_C, starts_C + chunk)
   sizes_CE = clip(ends_E) - clip(ends_E - group_sizes_E)  # each group's rows in each chunk
-  body = jax.checkpoint(lambda _, xs: (None, ffn(*xs)))
+  body = jax.checkpoint(lambda _, xs: (None, run(*xs)))
   _, ys = jax.lax.scan(body, None, (token_A.reshape(-1, chunk), weight_A.reshape(-1, chunk),
                                     sizes_CE))
   return jnp.zeros_like(x_ND).at[token_A].add(ys.reshape(-1, d))
@@ -122,13 +124,15 @@ def sort_by_expert(r: Routing, num_experts: int) -> tuple[jax.Array, jax.Array, 
 MoeFn = Callable[[dict, jax.Array, int], tuple[jax.Array, Routing, jax.Array]]
 
 
-def moe(p: dict, x_BTD: jax.Array, k: int) -> tuple[jax.Array, Routing, jax.Array]:
-  """Shared expert + routed experts. Returns (output, routing, tokens per expert)."""
+def moe(p: dict, x_BTD: jax.Array, k: int,
+        ffn: Callable = expert_ffn) -> tuple[jax.Array, Routing, jax.Array]:
+  """Shared expert + routed experts (grouped matmul `ffn`). Returns (output, routing, tokens per
+  expert)."""
   b, t, d = x_BTD.shape
   x_ND = x_BTD.reshape(b * t, d)
   r = route(x_ND, p["router"], k)
   token_A, weight_A, counts_E = sort_by_expert(r, p["router"].shape[-1])
   # The router score scales the expert *input* (Meta and HF), not its output.
-  routed_ND = routed_experts(x_ND, token_A, weight_A, counts_E, p)
+  routed_ND = routed_experts(x_ND, token_A, weight_A, counts_E, p, ffn=ffn)
   shared_ND = layers.swiglu(x_ND, p["shared_gate"], p["shared_up"], p["shared_down"])
   return (shared_ND + routed_ND).reshape(b, t, d), r, counts_E

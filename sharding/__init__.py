@@ -3,12 +3,13 @@
 The model (`llama4_jax`) only names its axes (`l4.param_specs`); this package decides where they
 live. Only this package touches JAX sharding APIs.
 """
-from sharding import context, expert
+from sharding import context, expert, kernels
 from sharding.activations import constrain_fn, hooks
 from sharding.mesh import AXES, MeshConfig, make_mesh, resolve
 from sharding.rules import (RULES, batch_sharding, param_shardings, partition_specs, spec_for,
                             state_shardings)
 
 __all__ = ["AXES", "MeshConfig", "RULES", "batch_sharding", "constrain_fn", "expert", "hooks",
+           "kernels",
            "make_mesh", "param_shardings", "partition_specs", "resolve", "spec_for",
            "state_shardings"]

@@ -1,10 +1,10 @@
-"""What the model is given to run on a mesh: activation sharding constraints from the RULES table
-and the expert-parallel MoE (`l4.Hooks`)."""
+"""What the model is given to run on a mesh (`l4.Hooks`): activation sharding constraints from
+the RULES table, the expert-parallel MoE, context-parallel attention and the target's kernels."""
 import jax
 from jax.sharding import Mesh, NamedSharding
 
 import llama4_jax as l4
-from sharding import context, expert
+from sharding import context, expert, kernels
 from sharding.rules import spec_for
 
 
@@ -18,9 +18,11 @@ def constrain_fn(mesh: Mesh):
   return constrain
 
 
-def hooks(mesh: Mesh) -> l4.Hooks:
+def hooks(mesh: Mesh, attention: str = "auto", grouped_matmul: str = "auto") -> l4.Hooks:
   """Hooks for `l4.apply` on `mesh`: constraints at block boundaries, around the MoE and on the
-  logits, expert-parallel dispatch when the expert axis is > 1, context-parallel attention when
-  the context axis is > 1."""
-  return l4.Hooks(moe_fn=expert.moe_fn(mesh), constrain=constrain_fn(mesh),
-                  attend_fn=context.attend_fn(mesh))
+  logits; expert-parallel dispatch when the expert axis is > 1; context-parallel attention when
+  the context axis is > 1; the flash kernel and grouped matmul of the mesh's platform (or the
+  given ones, checked against it)."""
+  ffn = kernels.expert_ffn(mesh, grouped_matmul)
+  return l4.Hooks(moe_fn=expert.moe_fn(mesh, ffn), constrain=constrain_fn(mesh),
+                  attend_fn=context.attend_fn(mesh), flash_fn=kernels.flash_fn(mesh, attention))

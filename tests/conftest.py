@@ -5,6 +5,9 @@ import tempfile
 
 from train_util import FAST_COMPILE  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+# libtpu (the [tpu] extra) compiles for TPU topologies; tests run on the CPU, several at once
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 

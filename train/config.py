@@ -54,6 +54,10 @@ class ModelConfig:
   compute_dtype: str = "float32"            # float32 | bfloat16: the forward/backward
   param_dtype: str = "float32"              # float32 | bfloat16: stored params (the optimizer
   remat: bool = False                       #   state and the update math stay fp32)
+  attention: str = "auto"                   # auto (by the mesh's devices: TPU splash, GPU
+                                            #   gpu_flash, CPU xla) | xla | splash | gpu_flash
+  grouped_matmul: str = "auto"              # MoE: auto (TPU/GPU ragged_dot, CPU blocked) |
+                                            #   ragged_dot | blocked
   multimodal: bool = False                  # keep the preset's vision tower (early fusion)
   freeze_vision: bool = False               # multimodal: the vision tower + adapter get no updates
   freeze_projector: bool = False            # multimodal: nor does the projector
@@ -63,6 +67,10 @@ class ModelConfig:
   def __post_init__(self):
     if self.preset not in PRESETS:
       raise ValueError(f"model.preset={self.preset!r}; valid: {list(PRESETS)}")
+    for key, valid in (("attention", ("auto", "xla", "splash", "gpu_flash")),
+                       ("grouped_matmul", ("auto", "ragged_dot", "blocked"))):
+      if getattr(self, key) not in valid:
+        raise ValueError(f"model.{key}={getattr(self, key)!r}; valid: {', '.join(valid)}")
     for key in ("compute_dtype", "param_dtype"):
       if getattr(self, key) not in ("float32", "bfloat16"):
         raise ValueError(f"model.{key}={getattr(self, key)!r}; valid: float32, bfloat16")

@@ -177,14 +177,15 @@ class Trainer(NamedTuple):
   abstract_frozen: object = None  # LoRA's frozen base (shapes only)
 
 
-def build(cfg: RunConfig, model_cfg: l4.Config) -> Trainer:
-  """Mesh, shardings and the step of `cfg` (errors in the mesh/model pairing raise here, before
-  anything is compiled)."""
-  mesh = sharding.make_mesh(cfg.mesh)
+def build(cfg: RunConfig, model_cfg: l4.Config, devices=None) -> Trainer:
+  """Mesh (over `devices`, default all), shardings and the step of `cfg`; errors in the mesh,
+  model and kernel pairing raise here, before anything is compiled."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   table = resolve_table(cfg, model_cfg)
   param_dtype = jnp.dtype(cfg.model.param_dtype)
   base = jax.eval_shape(lambda: l4.init_params(model_cfg, jax.random.key(0), param_dtype))
-  hooks, combine, frozen_sh, frozen = sharding.hooks(mesh), None, None, None
+  hooks = sharding.hooks(mesh, cfg.model.attention, cfg.model.grouped_matmul)
+  combine, frozen_sh, frozen = None, None, None
   base_sh = sharding.param_shardings(model_cfg, mesh)
   if cfg.lora is None:
     tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps, cfg.model.frozen(), table)
