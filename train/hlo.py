@@ -2,10 +2,12 @@
 
 Each collective's bytes are what one device sends, by the ring algorithm's count for a group of
 n devices: all-gather (n-1)/n x its output; reduce-scatter (n-1) x its output (= (n-1)/n x its
-input); all-reduce 2 (n-1)/n x its size; all-to-all (n-1)/n x its size; ragged-all-to-all
+input; the TPU's `all-reduce-scatter` fusions, an all-reduce then a slice, count as that);
+all-reduce 2 (n-1)/n x its size; all-to-all (n-1)/n x its size; ragged-all-to-all
 (n-1)/n x its output buffer (an upper bound: the bytes actually sent depend on the routing);
-collective-permute its size. Collectives inside loops count once per iteration
-(`known_trip_count`), inside called computations once per call.
+collective-permute its size. Collectives inside loops count once per iteration (the loop's
+`known_trip_count`, or the bound N of its condition `i < N`, as jax's scans compile), inside
+called computations once per call.
 """
 import re
 from collections import defaultdict
@@ -20,6 +22,8 @@ _SHAPE = re.compile(r"\b([a-z]+\d*(?:e\dm\d(?:fn)?)?)\[([\d,]*)\]")
 _CALLS = re.compile(r"(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONST = re.compile(r"%([\w.\-]+)\s*=\s*s32\[\]\S*\s+constant\((\d+)\)")
+_LT = re.compile(r"compare\(%[\w.\-]+,\s*%([\w.\-]+)\),\s*direction=LT")
 
 
 def _bytes(shape_text: str) -> list[float]:
@@ -56,6 +60,8 @@ def _sent(kind: str, out_bytes: list[float], n: int) -> float:
     return max(out_bytes) * (n - 1) / n
   if kind == "reduce-scatter":
     return sum(out_bytes) * (n - 1)
+  if kind == "reduce-scatter (full input)":
+    return sum(out_bytes) * (n - 1) / n
   if kind == "all-reduce":
     return 2 * sum(out_bytes) * (n - 1) / n
   if kind == "collective-permute":
@@ -64,8 +70,9 @@ def _sent(kind: str, out_bytes: list[float], n: int) -> float:
 
 
 def _parse(hlo: str):
-  """computation -> [(kind, bytes per execution)], computation -> [(callee, times)], entry."""
+  """computation -> [(kind, line, output bytes)], computation -> [(callee, times)], entry."""
   comps, calls, entry, current = defaultdict(list), defaultdict(list), None, None
+  bounds, consts, loops = {}, {}, []  # a loop condition's `i < N`: N iterations (jax's scans)
   for line in hlo.splitlines():
     if line and not line[0].isspace() and line.rstrip().endswith("{"):  # a computation
       words = line.split()
@@ -75,16 +82,30 @@ def _parse(hlo: str):
     op = _OP.search(line)
     if current is None or op is None:
       continue
+    const = _CONST.search(line)
+    if const:
+      consts[const.group(1)] = int(const.group(2))
+    bound = _LT.search(line)
+    if bound and bound.group(1) in consts:
+      bounds[current] = consts[bound.group(1)]
     trip = _TRIP.search(line)
+    loop = {k: v for k, v in _CALLS.findall(line) if k in ("body", "condition")}
+    if loop:
+      loops.append((current, loop, int(trip.group(1)) if trip else None))
     for key, callee in _CALLS.findall(line):
-      calls[current].append((callee, int(trip.group(1)) if trip and key in ("body", "condition")
-                             else 1))
+      if key not in loop:
+        calls[current].append((callee, 1))
     for branches in _BRANCHES.findall(line):
       calls[current] += [(b.strip().lstrip("%"), 1) for b in branches.split(",") if b.strip()]
     name = op.group(2)
     kind = name[:-6] if name.endswith("-start") else name
     if kind in KINDS:
+      if kind == "all-reduce" and current.startswith("all-reduce-scatter"):
+        kind = "reduce-scatter (full input)"  # the TPU's fused all-reduce + slice
       comps[current].append((kind, line, _bytes(op.group(1))))
+  for caller, loop, trip in loops:
+    n = trip if trip is not None else bounds.get(loop.get("condition"), 1)
+    calls[caller] += [(callee, n) for callee in loop.values()]
   return comps, calls, entry
 
 
@@ -103,5 +124,5 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
   for comp, ops in comps.items():
     for kind, line, sizes in ops:
       if sizes:
-        out[kind] += times[comp] * _sent(kind, sizes, _group_size(line, num_devices))
+        out[kind.split(" ")[0]] += times[comp] * _sent(kind, sizes, _group_size(line, num_devices))
   return out
