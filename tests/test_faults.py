@@ -85,6 +85,7 @@ def test_an_interrupted_save_is_ignored_on_resume(trained, tmp_path):
   (torn / "_CHECKPOINT_METADATA").unlink(missing_ok=True)
   loop.run(_cfg(work, steps=8))
   assert _steps(work) == [4, 6, 8] and sorted(_losses(work)) == list(range(8))
+  assert not torn.exists()  # the uncommitted temporary is cleaned
 
 
 def test_a_torn_metrics_line_is_repaired(trained, tmp_path, capsys):

@@ -62,8 +62,8 @@ def test_bad_records_name_the_file_and_line(tmp_path):
   with pytest.raises(ValueError, match=r"mm\.jsonl:1: the text has 1 <\|image\|> placeholders but 'images' lists \[\]"):
     mmdata.read_records(path)
   path = _write(tmp_path, [{"text": "x<|image|>", "images": ["missing.png"]}])
-  with pytest.raises(ValueError, match=r"cannot read image .*missing\.png"):
-    _encoder()(mmdata.read_records(path)[0])
+  with pytest.raises(ValueError, match=r"mm\.jsonl:1: image 'missing\.png' is not a file"):
+    mmdata.read_records(path)  # checked when the data is opened, before any step
   path = _write(tmp_path, [{"text": "<|image|><|image|>", "images": ["im0.png", "im0.png"]}])
   with pytest.raises(ValueError, match=r"mm\.jsonl:1: its images make 6 tiles but data\.row_tiles is 4"):
     _encoder()(mmdata.read_records(path)[0])

@@ -37,3 +37,12 @@ def test_plan_refuses_a_mesh_that_does_not_fit_the_devices():
   proc = _plan("--set", "mesh.expert=8")
   assert proc.returncode == 2
   assert "multiply to 32, but there are 16 devices" in proc.stderr
+
+
+def test_plan_refuses_an_unknown_topology_in_one_line():
+  proc = subprocess.run([sys.executable, "-m", "train.plan", "configs/quickstart.yaml",
+                         "--topology", "v9:4x4"], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("llama4-plan:")]
+  assert len(errors) == 1 and "--topology 'v9:4x4': expected GEN:AxB" in errors[0]
+  assert "Traceback" not in proc.stderr

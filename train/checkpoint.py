@@ -34,7 +34,8 @@ class Checkpointer:
     self.directory, self.every = Path(directory).absolute(), cfg.every
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=cfg.every, max_to_keep=cfg.keep,
-        enable_async_checkpointing=cfg.async_save, create=True)
+        enable_async_checkpointing=cfg.async_save, create=True,
+        cleanup_tmp_directories=True)  # a save torn by a kill is never committed: removed
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
     self.metadata_file = self.directory / "run.json"

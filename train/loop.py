@@ -325,10 +325,10 @@ def _setup(cfg: RunConfig, workdir: Path):
 
 def _run(cfg: RunConfig, workdir: Path) -> dict:
   t, data_iter, ckpt, start, state = _setup(cfg, workdir)
+  sinks = metrics_lib.Sinks(workdir, start)  # a bad metrics.jsonl stops the run here
   flops_per_token = metrics_lib.train_flops_per_token(t.model_cfg.text, cfg.data.seq_len)
   peak = _peak(cfg, workdir)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  sinks = metrics_lib.Sinks(workdir, start)
   sigterm, health = workdir_lib.Sigterm(), health_lib.Health(cfg.optim.skip_nonfinite)
   bar = tqdm(total=cfg.steps, initial=start, disable=jax.process_index() != 0, desc="train")
   pending, last, record = None, time.perf_counter(), {}
