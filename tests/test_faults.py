@@ -138,6 +138,7 @@ def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(trained,
   assert _steps(work)[-1] == 8 and not (work / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_the_second_is_refused(tmp_path, capsys):
   work = tmp_path / "work"
   recipe = write_recipe(tmp_path / "r.yaml", work, steps=2000)

@@ -86,6 +86,7 @@ def _recipe(tmp_path, **lora_cfg):
   return config_lib.from_dict(config_lib.RunConfig, d)
 
 
+@pytest.mark.slow
 def test_qlora_trains_adapters_only_resumes_and_exports_merged(tmp_path):
   cfg = _recipe(tmp_path, quantize=True, group_size=8)
   model_cfg = cfg.model.build()

@@ -2,6 +2,7 @@
 NoPE layers, QK norm) at widths 32 -> 256, a few Adam steps on one fixed batch. Under `mup` no
 tracked activation's change grows with width; under the `sp` control they do."""
 import numpy as np
+import pytest
 
 from train import metap_check as mc
 from train.config import MetaPConfig, OptimConfig
@@ -9,6 +10,7 @@ from train.config import MetaPConfig, OptimConfig
 WIDTHS = [32, 64, 128, 256]
 
 
+@pytest.mark.slow
 def test_mup_activations_move_the_same_at_every_width_and_sp_does_not():
   base = mc.base_overrides(mc.width_config(32))
   opt = OptimConfig(lr=1e-2, schedule="constant", warmup_steps=0, weight_decay=0.0, clip_norm=1e9,

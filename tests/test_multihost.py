@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 
@@ -25,6 +26,7 @@ def _start(out: Path, num_processes: int, process_id: int, port: int) -> subproc
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
   port = _free_port()
   procs = [_start(tmp_path / "one.npz", 1, 0, 0),

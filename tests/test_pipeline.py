@@ -21,6 +21,7 @@ def _pipeline(tmp_path, stages):
                        "base": {**BASE, "checkpoint": {"every": 2, "keep": 1}}, "stages": stages}}
 
 
+@pytest.mark.slow
 def test_stages_chain_measure_and_resume(tmp_path, capsys):
   first = pipeline.run(_pipeline(tmp_path, STAGES[:1]))  # stops after pretraining
   assert [s["stage"] for s in first] == ["pretrain"]

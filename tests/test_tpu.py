@@ -38,6 +38,7 @@ def compiled():
   return out
 
 
+@pytest.mark.slow
 def test_the_program_holds_the_tpu_kernels(compiled):
   figures, hlo = compiled["splash"]
   assert figures["attention"] == "splash" and figures["devices"] == 4
@@ -46,6 +47,7 @@ def test_the_program_holds_the_tpu_kernels(compiled):
   assert "splash" not in compiled["xla"][1]
 
 
+@pytest.mark.slow
 def test_tpu_memory_figures_and_flash_below_the_xla_path(compiled):
   splash, xla = compiled["splash"][0], compiled["xla"][0]
   for p in (splash, xla):
