@@ -1,7 +1,7 @@
 """Llama 4 attention: GQA, RoPE + QK norm or NoPE + temperature tuning, chunked/full causal masks.
 
 Reference: transformers `modeling_llama4.py` (Llama4TextAttention, create_chunked_causal_mask) and
-../shared/reference/llama4_hf_spec.md §1.4-§1.8.
+docs/hf_reference.md §2.2-§2.6.
 
 Masks are built once per forward from per-token metadata (cache index, segment id, position in
 chunk) and shared by every layer. A segment id of 0 marks padding; HF's left-padded

@@ -1,6 +1,6 @@
 """HF Llama 4 checkpoints <-> our params: ONE table of names and transforms, and safetensors I/O.
 
-Reference: ../shared/reference/llama4_hf_spec.md §3. Both HF layouts are read and written:
+Reference: docs/hf_reference.md §3. Both HF layouts are read and written:
 `Llama4ForCausalLM` (`model.*`, `lm_head.weight`) and `Llama4ForConditionalGeneration`
 (`language_model.model.*`, `language_model.lm_head.weight`, plus `vision_model.*` and
 `multi_modal_projector.*`): the multimodal one exactly when the Config has a vision tower.

@@ -1,6 +1,6 @@
 """Released Llama 4 configurations and a tiny one for tests and the CPU demo.
 
-Values from the released HF `config.json` files (see ../shared/reference/llama4_hf_spec.md §0):
+Values from the released HF `config.json` files (see docs/hf_reference.md §1):
 Scout 17B-16E and Maverick 17B-128E share every dimension; they differ in experts, MoE interleave,
 QK norm and RoPE scaling.
 """

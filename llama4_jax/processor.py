@@ -2,7 +2,7 @@
 
 Reference: transformers `image_processing_llama4.py` (Llama4ImageProcessor: find_supported_resolutions,
 get_best_fit, get_max_res_without_distortion, pad, split_to_tiles, the global tile) and
-`processing_llama4.py` (Llama4Processor._prompt_split_image); ../shared/reference/llama4_hf_spec.md §4.5.
+`processing_llama4.py` (Llama4Processor._prompt_split_image); docs/hf_reference.md §4.5.
 
 An image becomes a canvas of up to `max_tiles` tiles (the best fit among every h x w tiling), resized
 without distortion (never upscaled past one tile per side), padded bottom/right with black, split

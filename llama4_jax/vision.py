@@ -2,7 +2,7 @@
 
 Reference: transformers `modeling_llama4.py` (Llama4VisionModel, Llama4VisionEncoderLayer,
 Llama4VisionRotaryEmbedding, pixel_shuffle, Llama4VisionPixelShuffleMLP, Llama4MultiModalProjector,
-Llama4ForConditionalGeneration.get_placeholder_mask) and ../shared/reference/llama4_hf_spec.md §4.
+Llama4ForConditionalGeneration.get_placeholder_mask) and docs/hf_reference.md §4.
 
 Each tile [3, S, S] is an independent sequence: G*G patches of 14x14 through a bias-free linear,
 a CLS embedding appended LAST, learned positions, pre-LN encoder layers with biases, 2-D RoPE and

@@ -2,7 +2,7 @@
 the same settings.
 
 Meta published no details of MetaP; this is the public method closest to it
-(../shared/reference/metap_notes.md): muP for Adam across width, CompleteP across depth, the Adam
+(docs/metap.md): muP for Adam across width, CompleteP across depth, the Adam
 square-root rule across batch size and a fitted power law across training tokens, with tunable
 per-module, per-relative-depth constants on top.
 
