@@ -15,6 +15,7 @@ import yaml
 
 import llama4_jax as l4
 from sharding.mesh import MeshConfig
+from train.ranges import at_least, fraction, positive, require
 
 PRESETS = {"tiny": l4.presets.tiny, "tiny_multimodal": l4.presets.tiny_multimodal,
            "scout": l4.presets.scout, "maverick": l4.presets.maverick}
@@ -22,26 +23,6 @@ PRESETS = {"tiny": l4.presets.tiny, "tiny_multimodal": l4.presets.tiny_multimoda
 
 class ConfigError(ValueError):
   """A recipe that does not match the dataclasses, naming the offending key."""
-
-
-def _require(section: str, obj, rule: str, ok, *names: str) -> None:
-  """Raises naming `section.name` for the first field (unset: None is allowed) failing `ok`."""
-  for name in names:
-    value = getattr(obj, name)
-    if value is not None and not (math.isfinite(value) and ok(value)):
-      raise ValueError(f"{section}.{name}={value!r}: must be {rule}")
-
-
-def at_least(section: str, obj, low, *names: str) -> None:
-  _require(section, obj, f">= {low}", lambda v: v >= low, *names)
-
-
-def positive(section: str, obj, *names: str) -> None:
-  _require(section, obj, "a finite number > 0", lambda v: v > 0, *names)
-
-
-def fraction(section: str, obj, *names: str) -> None:
-  _require(section, obj, "in [0, 1)", lambda v: 0 <= v < 1, *names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +153,7 @@ class OptimConfig:
     at_least("optim", self, 0, "warmup_steps", "decay_steps", "weight_decay", "clip_norm",
              "z_loss", "loss_chunk", "load_balance", "skip_nonfinite")
     fraction("optim", self, "b1", "b2")
-    _require("optim", self, "in [0, 1]", lambda v: 0 <= v <= 1, "min_lr_ratio")
+    require("optim", self, "in [0, 1]", lambda v: 0 <= v <= 1, "min_lr_ratio")
 
 
 METAP_MODULES = ("embedding", "attn_rope", "attn_nope", "ffn_dense", "ffn_expert", "ffn_shared",
