@@ -1,4 +1,5 @@
-"""Mesh configuration: axis sizes (data, fsdp, expert, tensor, context) -> a `jax.sharding.Mesh`.
+"""Mesh configuration: axis sizes (data, fsdp, expert, tensor, context) -> a `jax.sharding.Mesh`,
+and how the MoE crosses the expert axis (`sharding.expert`).
 
 Sizes multiply to the number of devices; one axis may be -1, meaning "the remaining devices".
 Errors are raised before anything is compiled.
@@ -21,6 +22,8 @@ class MeshConfig:
   expert: int = 1
   tensor: int = 1
   context: int = 1
+  expert_dispatch: str = "all_to_all"  # all_to_all | all_gather (sharding/expert.py)
+  expert_capacity: float = 2.0  # all_to_all's first-pass slots, x the balanced share (>= 1)
 
   def __post_init__(self):
     sizes = self.sizes()
@@ -29,6 +32,12 @@ class MeshConfig:
     bad = {k: v for k, v in sizes.items() if v == 0 or v < -1}
     if bad:
       raise ValueError(f"mesh axis sizes must be >= 1 or -1, got {bad}")
+    if self.expert_dispatch not in ("all_to_all", "all_gather"):
+      raise ValueError(f"mesh.expert_dispatch={self.expert_dispatch!r}: expected all_to_all or "
+                       f"all_gather")
+    if not 1.0 <= self.expert_capacity < float("inf"):
+      raise ValueError(f"mesh.expert_capacity={self.expert_capacity}: must be >= 1 (the slot "
+                       f"holds that many times the balanced share of the assignments)")
 
   def sizes(self) -> dict[str, int]:
     return {a: getattr(self, a) for a in AXES}

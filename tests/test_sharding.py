@@ -140,6 +140,30 @@ def test_expert_parallel_drops_nothing_when_every_token_picks_one_expert(single_
   np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dispatch", ["all_to_all", "all_gather"])
+def test_both_dispatches_on_packed_rows_equal_single_device(single_device, dispatch):
+  """Packed documents (segment ids, positions restarting) through the expert-parallel MoE."""
+  params, ids, _, _, _ = single_device
+  seg = np.repeat(np.array([[1] * 5 + [2] * 11 + [3] * 8]), 8, axis=0)
+  pos = np.concatenate([np.arange(5), np.arange(11), np.arange(8)])[None].repeat(8, 0)
+
+  def loss(p, hooks):
+    out = l4.apply(CFG, p, ids, segment_ids=seg, positions=pos, hooks=hooks)
+    return jnp.mean(jnp.sin(out.logits)), (out.logits, out.expert_counts)
+  (want, (logits, counts)), grads = jax.jit(jax.value_and_grad(
+      partial(loss, hooks=l4.Hooks()), has_aux=True))(params)
+  mesh = sh.make_mesh(sh.MeshConfig(data=2, expert=2, fsdp=2))
+  hooks = sh.hooks(mesh, dispatch=dispatch)
+  (got, (s_logits, s_counts)), s_grads = jax.jit(
+      jax.value_and_grad(partial(loss, hooks=hooks), has_aux=True),
+      in_shardings=(sh.param_shardings(CFG, mesh),))(params)
+  np.testing.assert_array_equal(np.asarray(s_counts), np.asarray(counts))
+  np.testing.assert_allclose(np.asarray(s_logits), np.asarray(logits), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5,
+                                                       rtol=1e-5), s_grads, grads)
+
+
 def test_multimodal_loss_and_grads_sharded_equal_single_device():
   """Vision tower + per-row fusion under the training loss: tiles data-parallel (the tower's
   stream is constrained at every layer), weights FSDP/expert-sharded, MoE expert-parallel."""

@@ -49,6 +49,10 @@ def test_in_process_run_traces_once_and_writes_everything(tmp_path):
   for key in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "expert_counts"):
     assert key in rows[-1]
   assert np.asarray(rows[-1]["expert_counts"]).shape == (2, 4)
+  counts = np.asarray(rows[-1]["expert_counts"], np.float64)  # max / mean load per MoE layer
+  np.testing.assert_allclose(rows[-1]["expert_load_max_mean"], counts.max(1) / counts.mean(1),
+                             rtol=1e-4)
+  assert all(1.0 <= r <= 4.0 for r in rows[-1]["expert_load_max_mean"])
   assert rows[-1]["loss"] < rows[0]["loss"]
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert (tmp_path / "report.png").stat().st_size > 10_000

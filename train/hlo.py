@@ -7,7 +7,9 @@ all-reduce 2 (n-1)/n x its size; all-to-all (n-1)/n x its size; ragged-all-to-al
 (n-1)/n x its output buffer (an upper bound: the bytes actually sent depend on the routing);
 collective-permute its size. Collectives inside loops count once per iteration (the loop's
 `known_trip_count`, or the bound N of its condition `i < N`, as jax's scans compile), inside
-called computations once per call.
+called computations once per call. Collectives in the branches of a conditional (the MoE's overflow
+pass) run only when their branch is taken: they are counted apart (`conditional=True`: as if every
+branch ran once per call).
 """
 import re
 from collections import defaultdict
@@ -66,11 +68,14 @@ def _sent(kind: str, out_bytes: list[float], n: int) -> float:
     return 2 * sum(out_bytes) * (n - 1) / n
   if kind == "collective-permute":
     return max(out_bytes)
-  return max(out_bytes) * (n - 1) / n  # all-to-all, ragged-all-to-all (its output buffer)
+  if kind == "all-to-all":  # one array, or a tuple of one per peer (XLA:CPU): all of it
+    return sum(out_bytes) * (n - 1) / n
+  return max(out_bytes) * (n - 1) / n  # ragged-all-to-all: its output buffer
 
 
 def _parse(hlo: str):
-  """computation -> [(kind, line, output bytes)], computation -> [(callee, times)], entry."""
+  """computation -> [(kind, line, output bytes)], computation -> [(callee, times, is a branch)],
+  entry."""
   comps, calls, entry, current = defaultdict(list), defaultdict(list), None, None
   bounds, consts, loops = {}, {}, []  # a loop condition's `i < N`: N iterations (jax's scans)
   for line in hlo.splitlines():
@@ -94,9 +99,9 @@ def _parse(hlo: str):
       loops.append((current, loop, int(trip.group(1)) if trip else None))
     for key, callee in _CALLS.findall(line):
       if key not in loop:
-        calls[current].append((callee, 1))
+        calls[current].append((callee, 1, key.endswith("_computation")))
     for branches in _BRANCHES.findall(line):
-      calls[current] += [(b.strip().lstrip("%"), 1) for b in branches.split(",") if b.strip()]
+      calls[current] += [(b.strip().lstrip("%"), 1, True) for b in branches.split(",") if b.strip()]
     name = op.group(2)
     kind = name[:-6] if name.endswith("-start") else name
     if kind in KINDS:
@@ -105,21 +110,23 @@ def _parse(hlo: str):
       comps[current].append((kind, line, _bytes(op.group(1))))
   for caller, loop, trip in loops:
     n = trip if trip is not None else bounds.get(loop.get("condition"), 1)
-    calls[caller] += [(callee, n) for callee in loop.values()]
+    calls[caller] += [(callee, n, False) for callee in loop.values()]
   return comps, calls, entry
 
 
-def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
-  """Bytes one device sends per execution of the program, by collective kind."""
+def collective_bytes(hlo: str, num_devices: int, conditional: bool = False) -> dict[str, float]:
+  """Bytes one device sends per execution of the program, by collective kind: outside the
+  branches of conditionals, or (`conditional`) inside them."""
   comps, calls, entry = _parse(hlo)
   times = defaultdict(float)
 
-  def visit(comp: str, n: float, depth: int = 0):
-    times[comp] += n
+  def visit(comp: str, n: float, in_branch: bool, depth: int = 0):
+    if in_branch == conditional:
+      times[comp] += n
     if depth < 64:
-      for callee, k in calls.get(comp, ()):
-        visit(callee, n * k, depth + 1)
-  visit(entry, 1.0)
+      for callee, k, branch in calls.get(comp, ()):
+        visit(callee, n * k, in_branch or branch, depth + 1)
+  visit(entry, 1.0, False)
   out = {k: 0.0 for k in KINDS}
   for comp, ops in comps.items():
     for kind, line, sizes in ops:

@@ -184,7 +184,8 @@ def build(cfg: RunConfig, model_cfg: l4.Config, devices=None) -> Trainer:
   table = resolve_table(cfg, model_cfg)
   param_dtype = jnp.dtype(cfg.model.param_dtype)
   base = jax.eval_shape(lambda: l4.init_params(model_cfg, jax.random.key(0), param_dtype))
-  hooks = sharding.hooks(mesh, cfg.model.attention, cfg.model.grouped_matmul)
+  hooks = sharding.hooks(mesh, cfg.model.attention, cfg.model.grouped_matmul,
+                         cfg.mesh.expert_dispatch, cfg.mesh.expert_capacity)
   combine, frozen_sh, frozen = None, None, None
   base_sh = sharding.param_shardings(model_cfg, mesh)
   if cfg.lora is None:

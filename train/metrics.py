@@ -117,6 +117,13 @@ class Sinks:
       self.tb.close()
 
 
+def load_ratio(counts: np.ndarray) -> np.ndarray:
+  """max / mean of tokens per expert, per MoE layer ([..., E] -> [...]): 1 is balanced, E is
+  every token on one expert (the busiest expert device's share of the work, x ep)."""
+  counts = np.asarray(counts, np.float64)
+  return np.round(counts.max(-1) / np.maximum(counts.mean(-1), 1e-12), 4)
+
+
 def to_record(step: int, metrics: dict, seconds: float, tokens: int, flops_per_token: float,
               peak: float, devices: int) -> dict:
   """Host-side record of one step's fetched metrics; `tokens` processed in `seconds`."""
@@ -124,6 +131,8 @@ def to_record(step: int, metrics: dict, seconds: float, tokens: int, flops_per_t
   for k, v in metrics.items():
     a = np.asarray(v)
     rec[k] = a.tolist() if a.ndim else float(a)
+  if np.ndim(rec.get("expert_counts")) == 2 and np.size(rec["expert_counts"]):
+    rec["expert_load_max_mean"] = load_ratio(np.asarray(rec["expert_counts"])).tolist()
   rec["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
   rec["mfu"] = rec["tokens_per_s"] * flops_per_token / (peak * devices)
   return rec

@@ -88,7 +88,9 @@ def figures(config: str, cfg, t, compiled, seconds: float, topology: str | None)
   mem, devices = compiled.memory_analysis(), t.mesh.size
   tokens = cfg.data.batch_size * cfg.data.seq_len
   flops = metrics.train_flops_per_token(t.model_cfg.text, cfg.data.seq_len) * tokens / devices
-  comm = hlo.collective_bytes(compiled.as_text(), devices)
+  text = compiled.as_text()
+  comm = hlo.collective_bytes(text, devices)
+  branch = hlo.collective_bytes(text, devices, conditional=True)  # the MoE's overflow pass
   hbm, peak, ici = CHIPS[chip(topology)[0]] if topology else (None, None, None)
   step_s = max(flops / peak, sum(comm.values()) / ici) if topology else None
   return {
@@ -108,6 +110,7 @@ def figures(config: str, cfg, t, compiled, seconds: float, topology: str | None)
       "peak_bytes": (mem.argument_size_in_bytes + mem.output_size_in_bytes
                      - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
       "hbm_bytes": hbm and hbm * GiB, "flops": flops, "collective_bytes": comm,
+      "conditional_collective_bytes": branch,
       "peak_flops": peak, "ici_bytes_per_s": ici, "step_s_lower_bound": step_s,
       "mfu_upper_bound": step_s and flops / (peak * step_s), "compile_s": round(seconds, 1),
   }
@@ -158,6 +161,8 @@ def format_plan(p: dict) -> str:
   lines += [f"  {name:<28}{_size(b)}" for name, b in rows]
   lines.append(f"  {'model FLOPs per step':<28}{p['flops'] / 1e12:10.3f} TFLOP")
   lines += [f"  {kind + ' sent':<28}{_size(b)}" for kind, b in p["collective_bytes"].items() if b]
+  lines += [f"  {kind + ' sent':<28}{_size(b)} only when a conditional branch runs (MoE overflow)"
+            for kind, b in p["conditional_collective_bytes"].items() if b]
   if p["step_s_lower_bound"]:
     lines.append(f"  roofline: step >= {p['step_s_lower_bound']:.3f} s = max(FLOPs / "
                  f"{p['peak_flops'] / 1e12:.0f} TFLOP/s, collectives / "
