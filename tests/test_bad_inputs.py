@@ -67,6 +67,8 @@ BAD_FIELDS = [
     ("checkpoint.every=0", "checkpoint.every"),
     ("mesh.data=0", "mesh axis sizes"),
     ("mesh.data=3", "there are 8 devices"),
+    ("mesh.expert_dispatch=gather", "mesh.expert_dispatch='gather': expected all_to_all"),
+    ("mesh.expert_capacity=0.5", "mesh.expert_capacity=0.5: must be >= 1"),
     ("model.preset=huge", "model.preset"),
     ("model.compute_dtype=float16", "model.compute_dtype"),
     ("model.text.hidden_sizes=64", "hidden_sizes"),

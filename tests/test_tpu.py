@@ -44,6 +44,7 @@ def test_the_program_holds_the_tpu_kernels(compiled):
   assert figures["attention"] == "splash" and figures["devices"] == 4
   assert re.search(r"splash_mha_fwd_segmented", hlo) and re.search(r"splash_mha_dkv", hlo)
   assert "ragged_dot" in hlo or "ragged-dot" in hlo  # the MoE's grouped matmul, not dense blocks
+  assert "ragged-all-to-all" in hlo  # mesh.expert=2: the all-to-all dispatch
   assert "splash" not in compiled["xla"][1]
 
 
@@ -74,3 +75,35 @@ def test_bad_targets_fail_before_compiling(overrides, topology, culprit):
 def test_splash_is_refused_on_cpu_devices():
   with pytest.raises(ValueError, match="splash runs on tpu devices, this mesh's are cpu"):
     plan.plan("configs/quickstart.yaml", ("model.attention=splash",))
+
+
+def test_all_to_all_dispatch_compiles_to_ragged_all_to_all_for_tpu():
+  """The MoE layer alone on (expert 4) of v5p:2x2x1: ragged-all-to-all moves the tokens (no
+  all-gather of activations), its buffers within 2x the lower bound; the overflow pass apart."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  import sharding as sh
+  from llama4_jax import moe
+  from train import hlo
+  d, f, e, tokens, k = 256, 512, 8, 512, 1
+  mesh = sh.make_mesh(sh.MeshConfig(expert=4), plan.topology_devices(TOPOLOGY))
+  fn = sh.expert.moe_fn(mesh, moe.expert_ffn_ragged, "all_to_all")
+  shapes = {"router": (d, e), "gate": (e, d, f), "up": (e, d, f), "down": (e, f, d),
+            "shared_gate": (d, f), "shared_up": (d, f), "shared_down": (f, d)}
+  spec = lambda n: P("expert") if n in ("gate", "up", "down") else P()
+  p = {n: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=NamedSharding(mesh, spec(n)))
+       for n, s in shapes.items()}
+  x = jax.ShapeDtypeStruct((4, tokens, d), jnp.bfloat16, sharding=sh.batch_sharding(mesh))
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x, k)[0].astype(jnp.float32)), (0, 1)))
+  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):  # as `plan.compile_step`
+    text = grad.lower(p, x).compile().as_text()
+  assert "ragged-all-to-all" in text
+  sent = hlo.collective_bytes(text, 4)
+  bound = k * tokens * d * 2  # bf16, each way
+  assert 0 < sent["ragged-all-to-all"] <= 2 * 4 * bound  # 4 ways: dispatch, combine, transposes
+  assert sent["all-to-all"] < 0.01 * bound  # offsets for the transposes' ragged exchanges
+  assert not [l for l in text.splitlines()
+              if re.search(r"all-gather(-start)?\(", l) and re.search(r"\bbf16\[\d+,256\]", l)]
+  assert hlo.collective_bytes(text, 4, conditional=True)["ragged-all-to-all"] > 0
