@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import llama4_jax as l4
-from train import config as config_lib, convert, mmdata, pretrain, tasks
+from train import config as config_lib, convert, mmdata, tasks
+from train.stages import lm as pretrain
 from train import tokenizer as tokenizer_lib
 
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import llama4_jax as l4
-from train import config as run_config, metrics, optim, pretrain, step as step_lib
+from train import config as run_config, metrics, optim, step as step_lib
+from train.stages import lm as pretrain
 
 BENCH = dataclasses.replace(
     l4.presets.tiny().text, vocab_size=8192, hidden_size=512, num_hidden_layers=8,

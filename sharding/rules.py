@@ -89,3 +89,13 @@ def state_shardings(tx: optax.GradientTransformation, abstract_opt_state, param_
   replicated = NamedSharding(mesh, P())
   return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_sh,
                                transform_non_params=lambda _: replicated)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array."""
+  return NamedSharding(mesh, P())
+
+
+def replicated_like(sh: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  """Replicated over `sh`'s mesh (a single-device sharding is its own)."""
+  return replicated(sh.mesh) if isinstance(sh, NamedSharding) else sh

@@ -18,7 +18,8 @@ def main(out: str, num_processes: int, process_id: int, port: int) -> None:
   if num_processes > 1:
     jax.distributed.initialize(f"localhost:{port}", num_processes, process_id)
   import dataclasses
-  from train import config as config_lib, loop, rl, tokenizer
+  from train import config as config_lib, loop, tokenizer
+  from train.stages import rl
   from train_util import TINY
   assert jax.device_count() == 8 and jax.local_device_count() == 8 // num_processes
 

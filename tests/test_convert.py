@@ -18,7 +18,7 @@ import hf_reference as ref
 import llama4_jax as l4
 import sharding
 from test_hf_io import _assert_same_files, _tensors
-from train import config as config_lib, convert, loop
+from train import config as config_lib, convert, loop, params as params_lib
 from train_util import TINY
 
 
@@ -75,7 +75,7 @@ def test_restored_onto_an_expert_sharded_mesh_equals_hf(tmp_path):
   cfg = config_lib.from_dict(config_lib.RunConfig, {**TINY, "model": model,
                                                     "mesh": {"fsdp": 2, "expert": 4}})
   t = loop.build(cfg, cfg.model.build())
-  params = loop.initial_params(cfg, t.model_cfg, t.state_shardings.params)
+  params = params_lib.initial_params(cfg, t.model_cfg, t.state_shardings.params)
   gate = next(b["moe"]["gate"] for b in params["blocks"] if "moe" in b)
   assert gate.sharding.spec[1] == "expert" and len(gate.sharding.device_set) == 8
   ids = np.random.RandomState(1).randint(0, 256, (8, 16))

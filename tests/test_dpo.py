@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import llama4_jax as l4
-from train import chat, dpo, optim, step as step_lib, tokenizer as tokenizer_lib
+from train import chat, optim, step as step_lib, tokenizer as tokenizer_lib
+from train.stages import dpo
 from train.config import OptimConfig
 
 TOK = tokenizer_lib.byte_tokenizer()

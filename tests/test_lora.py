@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 import llama4_jax as l4
-from train import checkpoint, config as config_lib, convert, lora, loop
+from train import (checkpoint, config as config_lib, convert, lora, loop, params as params_lib,
+                   tokenizer as tokenizer_lib)
 from train.config import LoraConfig
 from train_util import TINY
 
@@ -91,12 +92,12 @@ def test_qlora_trains_adapters_only_resumes_and_exports_merged(tmp_path):
   cfg = _recipe(tmp_path, quantize=True, group_size=8)
   model_cfg = cfg.model.build()
   t = loop.build(cfg, model_cfg)
-  data = loop._data(cfg, model_cfg, tmp_path)
+  batches, _ = t.stage.data(t, tmp_path, tokenizer_lib.for_model(None, model_cfg))
   state = loop.initial_state(cfg, t)
   frozen0, adapters0 = jax.device_get((state.frozen, state.params))
   losses = []
   for _ in range(4):
-    state, m = t.train_step(state, {k: jnp.asarray(v) for k, v in next(data).items()})
+    state, m = t.train_step(state, batches.next(state, int(state.step))[0])
     losses.append(float(m["loss"]))
   assert losses[-1] < losses[0] - 0.05, losses
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), frozen0)
@@ -106,15 +107,14 @@ def test_qlora_trains_adapters_only_resumes_and_exports_merged(tmp_path):
   # checkpointed as the loop does (adapters + optimizer, no base); resumed with the base rebuilt
   ckpt = checkpoint.Checkpointer(tmp_path / "run/checkpoints", cfg.checkpoint,
                                  config_lib.to_dict(cfg))
-  ckpt.save(4, state.replace(frozen=None), data, force=True)
-  start, resumed = loop._resume_or_start(cfg, t, ckpt, data)
+  ckpt.save(4, state.replace(frozen=None), batches, force=True)
+  start, resumed = loop.resume_or_start(cfg, t, ckpt, batches)
   ckpt.close()
   assert start == 4
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(state))
   # a next stage starts from base + adapters merged; the export goes through merge-lora
   step_dir = tmp_path / "run" / "checkpoints" / "4"
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  merged = loop._restore_params(step_dir, model_cfg, one, jnp.float32)
+  merged = params_lib.restore_params(step_dir, model_cfg, params_lib.one_device(), jnp.float32)
   merge = jax.jit(lambda a, f: lora.merge(a, f, cfg.lora))
   jax.tree.map(np.testing.assert_array_equal, merged, jax.device_get(merge(state.params, state.frozen)))
   with pytest.raises(Exception, match="merge-lora"):

@@ -212,17 +212,17 @@ def test_bad_metap_recipes_name_the_key():
 
 
 def test_a_run_refuses_to_resume_under_another_proxy(tmp_path):
-  from train import loop
+  from train import loop, params as params_lib
   proxy = "metap.base={hidden_size: 32, num_attention_heads: 2, intermediate_size: 20}"
   quickstart = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
   small = (f"workdir={tmp_path}", "steps=2", "data.synthetic.num_examples=64")
   cfg = load(quickstart, (*small, "metap.preset=mup", proxy))
-  table = loop.resolve_table(cfg, cfg.model.build())
+  table = params_lib.resolve_table(cfg, cfg.model.build())
   assert table.rows["blocks/0/q"].lr == (0.5,)
   (tmp_path / "checkpoints").mkdir()
   other = load(quickstart, small)
   (tmp_path / "checkpoints" / "metap.json").write_text(
-      json.dumps(loop.resolve_table(other, other.model.build()).key))
+      json.dumps(params_lib.resolve_table(other, other.model.build()).key))
   with pytest.raises(ValueError, match=r"checkpoints were trained with different \['base_text\.\w+', "
                                        r".*'depth_alpha', 'preset'\]"):
     loop.run(cfg)

@@ -8,7 +8,7 @@ import pytest
 
 import llama4_jax as l4
 from llama4_jax import config as config_lib
-from train import __main__ as cli, config as run_config, loop, pipeline, step as step_lib
+from train import __main__ as cli, config as run_config, loop, params as params_lib, pipeline, step as step_lib
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -34,7 +34,7 @@ def test_recipe_parses_and_model_builds(path):
 def _check_recipe(cfg):
   model = cfg.model.build()
   assert l4.param_count(model) > 0
-  table = loop.resolve_table(cfg, model)  # the MetaP proxy fits the model
+  table = params_lib.resolve_table(cfg, model)  # the MetaP proxy fits the model
   assert len(table.rows) == len(jax.tree.leaves(l4.param_specs(model), is_leaf=l4.is_spec))
   assert all(min(r.lr) > 0 for r in table.rows.values())
   assert cfg.data.batch_size % cfg.optim.grad_accum == 0

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import llama4_jax as l4
-from train import rl, tokenizer as tokenizer_lib
+from train import tokenizer as tokenizer_lib
+from train.stages import rl
 from train.config import DataConfig, RLConfig
 
 TOK = tokenizer_lib.byte_tokenizer()

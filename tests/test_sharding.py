@@ -167,7 +167,7 @@ def test_both_dispatches_on_packed_rows_equal_single_device(single_device, dispa
 def test_multimodal_loss_and_grads_sharded_equal_single_device():
   """Vision tower + per-row fusion under the training loss: tiles data-parallel (the tower's
   stream is constrained at every layer), weights FSDP/expert-sharded, MoE expert-parallel."""
-  from train import pretrain
+  from train.stages import lm as pretrain
   cfg = l4.presets.tiny_multimodal()
   rng = np.random.RandomState(1)
   tokens = rng.randint(0, 256, (8, 24)).astype(np.int32)

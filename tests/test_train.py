@@ -14,7 +14,8 @@ import transformers
 
 import llama4_jax as l4
 from llama4_jax.config import text_to_hf
-from train import config as config_lib, convert, loop, losses, optim, pretrain, step as step_lib
+from train import config as config_lib, convert, loop, losses, optim, params as params_lib, step as step_lib
+from train.stages import lm as pretrain
 from train_util import TINY, train_process, write_recipe
 
 
@@ -127,7 +128,7 @@ def test_a_stage_starts_from_the_last_stages_training_checkpoint(tmp_path, refer
       "model": {**TINY["model"], "init_from_checkpoint": str(step), "param_dtype": "bfloat16"}})
   model_cfg = run.model.build()
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  loaded = loop.initial_params(run, model_cfg, sharding)
+  loaded = params_lib.initial_params(run, model_cfg, sharding)
   trained = ocp.StandardCheckpointer().restore(step / "state")["params"]
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(
       np.asarray(a), np.asarray(b).astype(jnp.bfloat16)), loaded, trained)
@@ -135,9 +136,9 @@ def test_a_stage_starts_from_the_last_stages_training_checkpoint(tmp_path, refer
       **TINY["model"], "text": {**TINY["model"]["text"], "num_local_experts": 8},
       "init_from_checkpoint": str(step)}})
   with pytest.raises(ValueError, match=r"its config differs .* in \['num_local_experts'\]"):
-    loop.initial_params(other, other.model.build(), sharding)
+    params_lib.initial_params(other, other.model.build(), sharding)
   with pytest.raises(FileNotFoundError, match="neither a converted checkpoint"):
-    loop.initial_params(dataclasses.replace(run, model=dataclasses.replace(
+    params_lib.initial_params(dataclasses.replace(run, model=dataclasses.replace(
         run.model, init_from_checkpoint=str(tmp_path))), model_cfg, sharding)
 
 
@@ -149,12 +150,12 @@ def test_initial_params_from_a_hf_checkpoint(tmp_path):
   run = config_lib.from_dict(config_lib.RunConfig, {**TINY, "model": {
       **TINY["model"], "init_from_hf": str(tmp_path / "hf")}})
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  loaded = loop.initial_params(run, model_cfg, sharding)
+  loaded = params_lib.initial_params(run, model_cfg, sharding)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   other = config_lib.from_dict(config_lib.RunConfig, {**TINY, "model": {
       "preset": "tiny", "init_from_hf": str(tmp_path / "hf")}})
   with pytest.raises(ValueError, match=r"its config differs from the recipe.s model in \[.bos_token_id., .eos_token_id., .pad_token_id., .vocab_size.\]"):
-    loop.initial_params(other, other.model.build(), sharding)
+    params_lib.initial_params(other, other.model.build(), sharding)
 
 
 def _setup(accum):

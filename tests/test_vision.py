@@ -118,7 +118,8 @@ def test_vision_remat_and_gradients_reach_every_vision_param(models):
 
 @pytest.mark.parametrize("freeze", [("vision",), ("projector", "text")])
 def test_training_switches_freeze_vision_and_projector(freeze):
-  from train import config as run_config, optim, pretrain, step as step_lib
+  from train import config as run_config, optim, step as step_lib
+  from train.stages import lm as pretrain
   """Each part frozen in one case and trained in the other: frozen params keep every bit."""
   model = run_config.ModelConfig(preset="tiny_multimodal", multimodal=True,
                                  freeze_vision="vision" in freeze,

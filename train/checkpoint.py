@@ -116,3 +116,12 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def model_key(cfg, model_cfg) -> dict:
+  """What a checkpoint's shapes depend on (`checkpoints/model.json`): a run with other values
+  cannot resume it."""
+  from llama4_jax.config import text_to_hf
+  from train.config import to_dict
+  return {"text": text_to_hf(model_cfg.text), "multimodal": model_cfg.vision is not None,
+          "lora": None if cfg.lora is None else to_dict(cfg.lora)}

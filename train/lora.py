@@ -205,3 +205,12 @@ def optimizer(g: OptimConfig, total_steps: int):
 
 def nbytes(tree) -> int:
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def check_run(cfg) -> None:
+  """LoRA's own rules for a recipe: the whole base is frozen already, adapters take plain SP."""
+  if cfg.model.frozen():
+    raise ValueError("lora with model.freeze_*: LoRA already freezes the whole base")
+  if cfg.metap.preset != "sp":
+    raise ValueError(f"lora with metap.preset={cfg.metap.preset!r}: the adapters take the plain "
+                     f"optim settings (use metap.preset: sp)")

@@ -287,3 +287,12 @@ def format_table(table: Table) -> str:
     lines.append(f"{path:34} {r.cls:9} {r.module:10} {fan:>13} {_span(r.init):>12} "
                  f"{_span(r.lr):>12} {_span(r.wd):>12} {r.eps:>9.4g}" + ("  branch" if r.branch else ""))
   return "\n".join(lines)
+
+
+def log_table(table: Table, workdir) -> None:
+  """WORKDIR/metap.txt, printed (only its first line and the path for plain SP), on process 0."""
+  if jax.process_index() != 0:
+    return
+  text = format_table(table)
+  (workdir / "metap.txt").write_text(text + "\n")
+  print(text if table.key["preset"] != "sp" else text.splitlines()[0] + f" ({workdir}/metap.txt)")

@@ -136,3 +136,42 @@ def to_record(step: int, metrics: dict, seconds: float, tokens: int, flops_per_t
   rec["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
   rec["mfu"] = rec["tokens_per_s"] * flops_per_token / (peak * devices)
   return rec
+
+
+class StepLog:
+  """The loop's record keeping: each fetched step's record (rates from the host clock), its health
+  check, metrics.jsonl / TensorBoard and the progress bar; WORKDIR/config.json with the peak."""
+
+  def __init__(self, cfg, model_cfg: l4.Config, devices: int, workdir: Path, start: int, ckpt):
+    from tqdm import tqdm
+    from train import health
+    self.sinks = Sinks(workdir, start)  # a bad metrics.jsonl stops the run here
+    self.flops_per_token = train_flops_per_token(model_cfg.text, cfg.data.seq_len)
+    self.peak, source = peak_flops(cfg.peak_flops_per_device, jnp.dtype(cfg.model.compute_dtype))
+    from train.config import to_dict
+    (workdir / "config.json").write_text(json.dumps(
+        {**to_dict(cfg), "peak_flops": self.peak, "peak_source": source}, indent=2))
+    self.tokens, self.devices, self.ckpt = cfg.data.batch_size * cfg.data.seq_len, devices, ckpt
+    self.health = health.Health(cfg.optim.skip_nonfinite)
+    self.bar = tqdm(total=cfg.steps, initial=start, disable=jax.process_index() != 0, desc="train")
+    self.last = time.perf_counter()
+
+  def flush(self, n: int, device_metrics, host_metrics: dict) -> dict:
+    """Step n's record; raises health.Diverged (after recording it) on a step past the limit."""
+    fetched = jax.device_get(device_metrics)  # blocks on step n only; n+1 is already queued
+    now = time.perf_counter()
+    rec = to_record(n, fetched, now - self.last, self.tokens, self.flops_per_token, self.peak,
+                    self.devices)
+    self.last = now
+    rec.update(host_metrics)
+    try:
+      self.health.check(rec, self.ckpt.latest_step())
+    finally:  # the step that raised the alarm is recorded too
+      self.sinks.write(rec)
+    self.bar.update(1)
+    self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+    return rec
+
+  def close(self) -> None:
+    self.sinks.close()
+    self.bar.close()

@@ -13,7 +13,7 @@ own figure before and after it.
 A stage without `model.init_from_checkpoint` starts from the previous stage's final step. Running
 the same command again resumes: finished stages (WORKDIR/NAME/stage.json) are skipped, an
 interrupted stage resumes from its own checkpoints. Every stage is a plain recipe: its
-WORKDIR/NAME/recipe.yaml reruns it alone. Measures (train/evaluate.py) go to stage.json and the
+WORKDIR/NAME/recipe.yaml reruns it alone. Measures (each stage's `measure`, train/stages/) go to stage.json and the
 summary table printed at the end.
 """
 import copy
@@ -68,7 +68,7 @@ def stages(d: dict, overrides: tuple[str, ...] = ()) -> list[tuple[str, RunConfi
 
 def run(d: dict, overrides: tuple[str, ...] = ()) -> list[dict]:
   """Runs (or resumes) every stage; returns each stage's summary."""
-  from train import evaluate, loop  # jax is imported only once the recipe is known to be valid
+  from train import loop, params, stages  # jax is imported once the recipe is known to be valid
   plan = stages(d, overrides)
   summaries = []
   for name, cfg in plan:
@@ -82,11 +82,11 @@ def run(d: dict, overrides: tuple[str, ...] = ()) -> list[dict]:
     (workdir / "recipe.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
     print(f"[pipeline] {name}: {cfg.steps} steps in {workdir}")
     examples = int(d["pipeline"].get("eval_examples", 128))
-    start = evaluate.starting_params(cfg)
-    before = evaluate.measure(cfg, start, examples, start=start)
+    stage, start = stages.for_recipe(cfg), params.starting_params(cfg)
+    before = stage.measure(start, examples, start=start)
     del start  # not held on the device while the stage trains
     record = loop.run(cfg)  # SIGTERM raises workdir.Interrupted: a rerun resumes this stage
-    after = evaluate.measure(cfg, evaluate.final_params(cfg), examples)
+    after = stage.measure(params.final_params(cfg), examples)
     summary = {"stage": name, "steps": cfg.steps, "before": before, "after": after,
                "final_train_loss": record.get("loss")}
     done.write_text(json.dumps(summary, indent=2))

@@ -67,7 +67,8 @@ def compile_step(config: str, overrides: tuple[str, ...] = (), topology: str | N
   t = loop.build(cfg, model_cfg, topology_devices(topology) if topology else None)
   state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                        t.abstract_state.replace(frozen=t.abstract_frozen), t.state_shardings)
-  batch = _batch(cfg, model_cfg, (cfg.data.batch_size, cfg.data.seq_len), t.batch_sharding)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=t.batch_sharding)
+           for k, (shape, dtype) in t.stage.batch_spec(t.model_cfg).items()}
   start = time.perf_counter()
   # Pallas TPU kernels ask the current mesh's device kind, and reject 'highest' precision dots
   precision = "default" if topology else jax.config.jax_default_matmul_precision
@@ -119,27 +120,6 @@ def figures(config: str, cfg, t, compiled, seconds: float, topology: str | None)
 def sharding_kind(mesh, cfg) -> str:
   from sharding import kernels
   return kernels.attention_kind(mesh, cfg.model.attention)
-
-
-def _batch(cfg, model_cfg, shape, sharding) -> dict:
-  """Abstract inputs of the recipe's stage, as its data pipeline makes them."""
-  import jax
-  import jax.numpy as jnp
-  spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  if cfg.dpo is not None:
-    return {**{f"{k}_{f}": spec(shape) for k in ("chosen", "rejected") for f in ("tokens", "mask")},
-            "ref_logps": spec((shape[0], 2), jnp.float32)}
-  if cfg.rl is not None:
-    return {**{k: spec(shape) for k in ("tokens", "attention_mask", "completion_mask")},
-            "advantages": spec(shape[:1], jnp.float32),
-            **{k: spec(shape, jnp.float32) for k in ("old_logps", "ref_logps")}}
-  batch = {k: spec(shape) for k in ("tokens", "segment_ids", "positions")}
-  if cfg.data.chat or model_cfg.vision is not None:
-    batch["loss_mask"] = spec(shape)
-  if model_cfg.vision is not None:  # mmdata's rows: each row's padded tiles
-    s = model_cfg.vision.image_size
-    batch["pixel_values"] = spec((shape[0], cfg.data.row_tiles, 3, s, s), jnp.bfloat16)
-  return batch
 
 
 def _size(b: float) -> str:

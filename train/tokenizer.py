@@ -46,3 +46,18 @@ def image_tokens(tok: Tokenizer):
   """The tokenizer's ids of Llama 4's image tokens, as `processor.ImageTokens`."""
   from llama4_jax.processor import ImageTokens
   return ImageTokens(*(special_id(tok, t) for t in IMAGE_SPECIAL))
+
+
+def for_model(path: str | None, model_cfg) -> Tokenizer:
+  """`load` for a run of `model_cfg` (image tokens for a multimodal one), checked against it:
+  no id past the model's vocabulary, `<|patch|>` at the model's image token index."""
+  tok = load(path, image_tokens=model_cfg.vision is not None)
+  if tok.get_vocab_size() > model_cfg.text.vocab_size:
+    raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens but model.text.vocab_size is "
+                     f"{model_cfg.text.vocab_size}")
+  if model_cfg.vision is not None:
+    patch = image_tokens(tok).patch
+    if patch != model_cfg.image_token_index:
+      raise ValueError(f"the tokenizer's <|patch|> is id {patch} but the model's "
+                       f"image_token_index is {model_cfg.image_token_index}")
+  return tok

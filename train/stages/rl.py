@@ -16,8 +16,10 @@ its prompt and is counted (`reward_errors`), a non-finite reward is an error nam
 Rows hold the prompt left-padded then the completion; the loss forward uses the attention-mask
 convention the decoder samples with (positions and temperature index count the pads, as HF's).
 """
+import dataclasses
 import json
 import math
+from pathlib import Path
 from typing import Callable
 
 import grain
@@ -26,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import llama4_jax as l4
-from train import chat, data, pretrain, tasks
+from train import chat, data, params as params_lib, tasks, tokenizer as tokenizer_lib
 from train.config import DataConfig, RLConfig
+from train.stages import lm
+from train.stages.base import held_out
 
 
 def check_prompt(record, where: str) -> dict:
@@ -92,7 +96,7 @@ def make_loss(model_cfg: l4.Config, cfg: RLConfig, compute_dtype=jnp.float32, re
               hooks: l4.Hooks = l4.Hooks()):
   """loss_fn(params, batch) -> (summed loss, (completion tokens, metrics))."""
   def loss_fn(params, batch):
-    p = pretrain.cast(params, compute_dtype)
+    p = lm.cast(params, compute_dtype)
     logp, out = token_logps(model_cfg, p, batch["tokens"], batch["attention_mask"], remat, hooks)
     mask = batch["completion_mask"].astype(jnp.float32)
     ratio = jnp.exp(logp - batch["old_logps"])
@@ -240,3 +244,72 @@ class Rollouts:
 
   def close(self) -> None:
     pass
+
+
+class RolloutBatches:
+  """`base.Batches` of the RL stage: every process gets the whole global batch from the rollouts
+  (sampled with the current params) and places its rows on `sharding`."""
+
+  def __init__(self, rollouts: Rollouts, sharding: jax.sharding.Sharding):
+    self.rollouts, self.sharding = rollouts, sharding
+
+  def next(self, state, step: int) -> tuple[dict, dict]:
+    rows, host_metrics = self.rollouts.next_batch(state.params, step)
+    return {k: jax.make_array_from_callback(v.shape, self.sharding, lambda i, v=v: v[i])
+            for k, v in rows.items()}, host_metrics
+
+  def get_state(self) -> bytes:
+    return self.rollouts.get_state()
+
+  def set_state(self, state: bytes) -> None:
+    self.rollouts.set_state(state)
+
+  def start_prefetch(self) -> None:
+    pass
+
+  def close(self) -> None:
+    self.rollouts.close()
+
+
+def read_prompts(data_cfg: DataConfig, workdir: str) -> list[dict]:
+  """The prompt records of the configured files (or of the embedded task)."""
+  return [r for p in data.resolve_paths(data_cfg, workdir) for r in chat.read_jsonl(p, check_prompt)]
+
+
+class Stage:
+  """`base.Stage` for RL: the starting policy stays on the device as the KL reference (a copy:
+  the train state donates its own)."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  def loss(self, model_cfg: l4.Config, hooks: l4.Hooks):
+    c = self.cfg
+    return make_loss(model_cfg, c.rl, jnp.dtype(c.model.compute_dtype), c.model.remat, hooks)
+
+  def batch_spec(self, model_cfg: l4.Config) -> dict:
+    shape = (self.cfg.data.batch_size, self.cfg.data.seq_len)
+    return {**{k: (shape, jnp.int32) for k in ("tokens", "attention_mask", "completion_mask")},
+            "advantages": (shape[:1], jnp.float32),
+            **{k: (shape, jnp.float32) for k in ("old_logps", "ref_logps")}}
+
+  def data(self, trainer, workdir: Path, tok):
+    c = self.cfg
+    records = read_prompts(c.data, str(workdir))  # configured files are checked there
+    params = params_lib.initial_params(c, trainer.model_cfg, trainer.base_shardings, trainer.table)
+    reference = jax.tree.map(jnp.copy, params)
+    rollouts = Rollouts(trainer.model_cfg, c.rl, c.data, records, tok, reference)
+    return RolloutBatches(rollouts, trainer.batch_sharding), params
+
+  def measure(self, params, examples: int = 128, start=None) -> dict:
+    """Mean reward on the stage's own prompts (greedy, and sampled as in training), and greedy on
+    held-out prompts."""
+    c = self.cfg
+    own = read_prompts(c.data, c.workdir)[:examples]
+    r = Rollouts(c.model.build(), c.rl, dataclasses.replace(c.data, batch_size=c.rl.group_size),
+                 own, tokenizer_lib.load(c.data.tokenizer), params)
+    return {"greedy_reward": r.evaluate(params, own, examples),
+            "sampled_reward": r.evaluate(params, own, examples, c.rl.temperature,
+                                         jax.random.key(c.seed)),
+            "held_out_greedy_reward": r.evaluate(
+                params, read_prompts(held_out(c.data), c.workdir)[:examples], examples)}

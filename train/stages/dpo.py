@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import llama4_jax as l4
-from train import chat, data, pretrain
+from train import chat, data, params as params_lib, tokenizer as tokenizer_lib
 from train.config import DataConfig
+from train.stages import lm
+from train.stages.base import HostBatches, held_out, host
 
 
 def check_pair(record, where: str) -> dict:
@@ -59,7 +61,7 @@ def sequence_logps(model_cfg: l4.Config, params, tokens, mask, remat: bool = Fal
   real = jnp.cumsum(mask[:, ::-1], axis=1)[:, ::-1] > 0  # up to the response's final <|eot|>
   batch = {"tokens": tokens, "segment_ids": real.astype(jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)}
-  out = pretrain.forward(model_cfg, params, batch, remat, hooks)
+  out = lm.forward(model_cfg, params, batch, remat, hooks)
   logits = l4.model.head(model_cfg.text, params, out.final)[:, :-1].astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
   tok = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -91,7 +93,7 @@ def make_loss(model_cfg: l4.Config, beta: float, compute_dtype=jnp.float32, rema
   """loss_fn(params, batch) -> (summed loss, (pairs, metrics)) for `step.make_train_step`; batch
   holds the pair rows and `ref_logps` [B, 2]."""
   def loss_fn(params, batch):
-    p = pretrain.cast(params, compute_dtype)
+    p = lm.cast(params, compute_dtype)
     logps, out = sequence_logps(model_cfg, p, *both(batch), remat=remat, hooks=hooks)
     chosen, rejected = jnp.split(logps, 2)
     margin = beta * ((chosen - batch["ref_logps"][:, 0]) - (rejected - batch["ref_logps"][:, 1]))
@@ -147,3 +149,62 @@ def pair_batches(pairs: list[dict], tok, seq_len: int, batch: int):
     chunk = pairs[start:start + batch]
     rows = [encode_pair(render, p) for p in chunk + chunk[-1:] * (batch - len(chunk))]
     yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, len(chunk)
+
+
+class Stage:
+  """`base.Stage` for DPO: pair rows with the reference policy's log-probs, which are computed
+  once from the starting params into WORKDIR/dpo_reference.npy and reused on resume."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  def loss(self, model_cfg: l4.Config, hooks: l4.Hooks):
+    c = self.cfg
+    return make_loss(model_cfg, c.dpo.beta, jnp.dtype(c.model.compute_dtype), c.model.remat, hooks)
+
+  def batch_spec(self, model_cfg: l4.Config) -> dict:
+    shape = (self.cfg.data.batch_size, self.cfg.data.seq_len)
+    return {**{f"{k}_{f}": (shape, jnp.int32) for k in ("chosen", "rejected")
+               for f in ("tokens", "mask")}, "ref_logps": ((shape[0], 2), jnp.float32)}
+
+  def data(self, trainer, workdir: Path, tok):
+    """The params that computed the reference log-probs start the run (not loaded twice)."""
+    c = self.cfg
+    pairs = [p for path in resolve_pairs(c.data, str(workdir)) for p in read_pairs(path)]
+    ref_file, params = workdir / "dpo_reference.npy", None
+    if ref_file.exists():
+      ref = np.load(ref_file)
+      if ref.shape != (len(pairs), 2):
+        raise ValueError(f"{ref_file} holds {ref.shape[0]} pairs' reference log-probs but the "
+                         f"data has {len(pairs)}: the data changed since this run started")
+    else:
+      params = params_lib.initial_params(c, trainer.model_cfg, trainer.base_shardings,
+                                         trainer.table)
+      ref = reference_logps(trainer.model_cfg, params,
+                            pair_batches(pairs, tok, c.data.seq_len, c.data.batch_size))
+      if jax.process_index() == 0:
+        np.save(ref_file, ref)
+    it = iter(make_dataset(c.data, pairs, tok, ref, *host()))
+    return HostBatches(it, trainer.batch_sharding), params
+
+  def measure(self, params, examples: int = 128, start=None) -> dict:
+    """On the stage's own pairs: how often the policy prefers chosen (log p(chosen) > log
+    p(rejected)), and the DPO margin against the starting policy and its sign; on held-out
+    pairs, the preference accuracy."""
+    c, model_cfg = self.cfg, self.cfg.model.build()
+    tok = tokenizer_lib.load(c.data.tokenizer)
+
+    def logps(data_cfg, p):
+      pairs = [x for path in resolve_pairs(data_cfg, c.workdir) for x in read_pairs(path)]
+      return reference_logps(model_cfg, p, pair_batches(pairs[:examples], tok, c.data.seq_len,
+                                                        c.data.batch_size))
+    ours = logps(c.data, params)
+    if start is params:
+      ref = ours
+    else:
+      ref = logps(c.data, params_lib.starting_params(c) if start is None else start)
+    margin = c.dpo.beta * ((ours[:, 0] - ref[:, 0]) - (ours[:, 1] - ref[:, 1]))
+    held = logps(held_out(c.data), params)
+    return {"preference_accuracy": float(np.mean(ours[:, 0] > ours[:, 1])),
+            "dpo_margin": float(np.mean(margin)), "dpo_accuracy": float(np.mean(margin > 0)),
+            "held_out_preference_accuracy": float(np.mean(held[:, 0] > held[:, 1]))}
