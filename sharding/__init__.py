@@ -6,9 +6,10 @@ live. Only this package touches JAX sharding APIs.
 from sharding import context, expert, kernels
 from sharding.activations import constrain_fn, hooks
 from sharding.mesh import AXES, MeshConfig, make_mesh, resolve
-from sharding.rules import (RULES, batch_sharding, param_shardings, partition_specs, replicated,
-                            replicated_like, spec_for, state_shardings)
+from sharding.rules import (RULES, batch_sharding, named, one_device, param_shardings,
+                            partition_specs, replicated, replicated_like, spec_for,
+                            state_shardings)
 
 __all__ = ["AXES", "MeshConfig", "RULES", "batch_sharding", "constrain_fn", "expert", "hooks",
-           "kernels", "make_mesh", "param_shardings", "partition_specs", "replicated",
+           "kernels", "make_mesh", "named", "one_device", "param_shardings", "partition_specs", "replicated",
            "replicated_like", "resolve", "spec_for", "state_shardings"]

@@ -99,3 +99,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def replicated_like(sh: jax.sharding.Sharding) -> jax.sharding.Sharding:
   """Replicated over `sh`'s mesh (a single-device sharding is its own)."""
   return replicated(sh.mesh) if isinstance(sh, NamedSharding) else sh
+
+
+def named(mesh: Mesh, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> NamedSharding:
+  """The sharding of one array `name` with logical `axes` on `mesh` (the table's)."""
+  return NamedSharding(mesh, spec_for(name, shape, axes, dict(mesh.shape)))
+
+
+def one_device() -> jax.sharding.Sharding:
+  """The first local device alone (what a host-side measure or conversion runs on)."""
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

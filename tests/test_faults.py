@@ -105,7 +105,7 @@ def test_a_bad_metrics_line_in_the_middle_is_named(trained, tmp_path, capsys):
   recipe = write_recipe(tmp_path / "r.yaml", work, steps=8)
   before = snapshot(work)
   assert train_main.main([str(recipe)]) == 2
-  assert "metrics.jsonl:3: not a JSON record" in one_line_error(capsys.readouterr().err,
+  assert "metrics.jsonl:3: not JSON" in one_line_error(capsys.readouterr().err,
                                                                  "llama4-train")
   assert snapshot(work) == before
 

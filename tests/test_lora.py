@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 import llama4_jax as l4
+import sharding
 from train import (checkpoint, config as config_lib, convert, lora, loop, params as params_lib,
                    tokenizer as tokenizer_lib)
 from train.config import LoraConfig
@@ -114,7 +115,7 @@ def test_qlora_trains_adapters_only_resumes_and_exports_merged(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(state))
   # a next stage starts from base + adapters merged; the export goes through merge-lora
   step_dir = tmp_path / "run" / "checkpoints" / "4"
-  merged = params_lib.restore_params(step_dir, model_cfg, params_lib.one_device(), jnp.float32)
+  merged = params_lib.restore_params(step_dir, model_cfg, sharding.one_device(), jnp.float32)
   merge = jax.jit(lambda a, f: lora.merge(a, f, cfg.lora))
   jax.tree.map(np.testing.assert_array_equal, merged, jax.device_get(merge(state.params, state.frozen)))
   with pytest.raises(Exception, match="merge-lora"):

@@ -48,25 +48,8 @@ def prompt_messages(prompt, where: str) -> list:
   return prompt
 
 
-def read_jsonl(path: str, check) -> list:
-  """`check(record, "path:line")` of every non-empty line; the first bad line raises, named, and
-  so does a file with no records."""
-  out = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: not JSON ({e})") from e
-        out.append(check(record, f"{path}:{n}"))
-  if not out:
-    raise ValueError(f"data file {path} holds no records")
-  return out
-
-
 def read_records(path: str) -> list[list[dict]]:
-  return read_jsonl(path, check_record)
+  return data.read_jsonl(path, check_record)
 
 
 class Renderer:

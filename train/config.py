@@ -67,7 +67,7 @@ class ModelConfig:
     """The model Config: the preset with `text` overrides checked against TextConfig; the vision
     tower only when `multimodal`."""
     base = PRESETS[self.preset]()
-    text = from_dict(l4.TextConfig, {**_fields(base.text), **self.text}, "model.text")
+    text = from_dict(l4.TextConfig, {**shallow_fields(base.text), **self.text}, "model.text")
     return dataclasses.replace(base, text=text, vision=base.vision if self.multimodal else None)
 
   def frozen(self) -> tuple[str, ...]:
@@ -358,7 +358,8 @@ def from_dict(cls, d: dict, prefix: str = ""):
     raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
 
 
-def _apply_override(d: dict, assignment: str) -> None:
+def apply_override(d: dict, assignment: str) -> None:
+  """One `--set key.path=value` into the recipe mapping `d` (the value parsed as YAML)."""
   if "=" not in assignment:
     raise ConfigError(f"--set expects key.path=value, got {assignment!r}")
   path, raw = assignment.split("=", 1)
@@ -390,11 +391,11 @@ def load(path: str | Path | None, overrides: tuple[str, ...] = ()) -> RunConfig:
   """Reads a YAML recipe (None: all defaults) and applies `--set` overrides."""
   d: dict = read_yaml(path) if path is not None else {}
   for o in overrides:
-    _apply_override(d, o)
+    apply_override(d, o)
   return from_dict(RunConfig, d)
 
 
-def _fields(obj) -> dict:
+def shallow_fields(obj) -> dict:
   """Shallow field dict (nested dataclasses kept as objects, unlike dataclasses.asdict)."""
   return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 

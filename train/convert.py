@@ -213,6 +213,7 @@ def merge_lora(step_dir, out_dir, dtype=None, overwrite: bool = False) -> Path:
   """A LoRA (or QLoRA) training step merged into its base -> CKPT_DIR (config.json + params/), the
   format `orbax-to-hf` converts and `model.init_from_checkpoint` starts from. In host memory."""
   import orbax.checkpoint as ocp
+  import sharding
   from train import config as run_config, params as params_lib
   step_dir = Path(step_dir)
   hf_io.check_output(out_dir, (step_dir,), overwrite)
@@ -224,8 +225,7 @@ def merge_lora(step_dir, out_dir, dtype=None, overwrite: bool = False) -> Path:
     raise hf_io.CheckpointError(f"{step_dir}: not a LoRA run (its recipe has no lora section)")
   cfg = run.model.build()
   dtype = dtype or np.dtype(run.model.param_dtype)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params = params_lib.restore_params(step_dir, cfg, sharding, dtype)
+  params = params_lib.restore_params(step_dir, cfg, sharding.one_device(), dtype)
   out = Path(out_dir)
   with hf_io.atomic_dir(out, (step_dir,), overwrite) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:  # closing waits for the write

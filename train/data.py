@@ -9,6 +9,7 @@ positions. The iterator's state is small JSON: it is saved with every checkpoint
 exact batch sequence.
 """
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -48,20 +49,37 @@ def _text(value, where: str) -> str:
   return value
 
 
-def _read_jsonl(path: str) -> list[str]:
-  texts = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not JSON ({e})") from e
-      if not isinstance(record, dict) or "text" not in record:
-        raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field")
-      texts.append(_text(record["text"], f"{path}:{n}"))
-  return texts
+def jsonl_records(path, torn_tail: bool = False):
+  """("path:line", record, line) for each non-empty line of a JSONL file; a line that is not JSON
+  raises naming path:line, except, with `torn_tail`, a bad last line (its writer was killed
+  mid-line), which is dropped with a warning."""
+  lines = Path(path).read_text().split("\n")
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if torn_tail and all(not rest.strip() for rest in lines[n:]):
+        print(f"{path}:{n}: dropped a torn last line", file=sys.stderr)
+        return
+      raise ValueError(f"{path}:{n}: not JSON ({e}); fix or remove the line") from e
+    yield f"{path}:{n}", record, line
+
+
+def read_jsonl(path, check: Callable) -> list:
+  """`check(record, "path:line")` of every record of a JSONL file (see `jsonl_records`); the
+  first bad one raises, named, and so does a file with no records."""
+  out = [check(record, where) for where, record, _ in jsonl_records(path)]
+  if not out:
+    raise ValueError(f"data file {path} holds no records")
+  return out
+
+
+def _text_record(record, where: str) -> str:
+  if not isinstance(record, dict) or "text" not in record:
+    raise ValueError(f"{where}: expected a JSON object with a 'text' field")
+  return _text(record["text"], where)
 
 
 def _read_parquet(path: str) -> list[str]:
@@ -92,7 +110,7 @@ def source(path: str) -> grain.MapDataset:
   and Parquet are checked whole, ArrayRecord's first CHECKED_RECORDS here, the rest when read)."""
   suffix = Path(path).suffix
   if suffix == ".jsonl":
-    ds = grain.MapDataset.source(_read_jsonl(path))
+    ds = grain.MapDataset.source(read_jsonl(path, _text_record))
   elif suffix == ".parquet":
     ds = grain.MapDataset.source(_read_parquet(path))
   else:

@@ -5,6 +5,7 @@ The host dispatches step n, then reads step n-1's metrics (already computed), so
 the device. SIGTERM saves a checkpoint and exits cleanly; a restart from the same workdir resumes
 from the latest checkpoint, data iterator included, and recomputes bit-identical steps.
 """
+from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -30,6 +31,7 @@ class Trainer(NamedTuple):
   state_shardings: step_lib.TrainState
   abstract_state: step_lib.TrainState
   tx: optax.GradientTransformation
+  loss_fn: Callable     # the stage's loss on this mesh (what the train step differentiates)
   train_step: Callable
   base_shardings: object = None   # the model params' shardings (LoRA: the frozen base's source)
   abstract_frozen: object = None  # LoRA's frozen base (shapes only)
@@ -52,21 +54,21 @@ def build(cfg: RunConfig, model_cfg: l4.Config, devices=None) -> Trainer:
   else:
     lora.check_run(cfg)
     tx, lr = lora.optimizer(cfg.optim, cfg.steps)
-    param_sh = lora.adapter_shardings(model_cfg, cfg.lora, mesh, sharding.spec_for)
+    param_sh = lora.adapter_shardings(model_cfg, cfg.lora, partial(sharding.named, mesh))
     params = jax.eval_shape(lambda: lora.init_adapters(model_cfg, cfg.lora, jax.random.key(0)))
     frozen = jax.eval_shape(lambda b: lora.freeze(b, cfg.lora), base)
-    frozen_sh = lora.frozen_shardings(frozen, model_cfg, mesh, sharding.spec_for)
+    frozen_sh = lora.frozen_shardings(frozen, model_cfg, partial(sharding.named, mesh))
     hooks = hooks._replace(weights=lora.materialize)
     combine = lambda adapters, frozen: lora.combine(adapters, frozen, cfg.lora)
   abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)  # no frozen: not saved
   state_sh = step_lib.TrainState(sharding.replicated(mesh), param_sh,
                                  sharding.state_shardings(tx, abstract.opt_state, param_sh, mesh),
                                  frozen_sh)
-  batch_sh = sharding.batch_sharding(mesh)
+  batch_sh, loss_fn = sharding.batch_sharding(mesh), stage.loss(model_cfg, hooks)
   train_step = step_lib.jit_train_step(step_lib.make_train_step(
-      stage.loss(model_cfg, hooks), tx, lr, cfg.optim.grad_accum, combine), state_sh, batch_sh)
-  return Trainer(stage, model_cfg, table, mesh, batch_sh, state_sh, abstract, tx, train_step,
-                 base_sh, frozen)
+      loss_fn, tx, lr, cfg.optim.grad_accum, combine), state_sh, batch_sh)
+  return Trainer(stage, model_cfg, table, mesh, batch_sh, state_sh, abstract, tx, loss_fn,
+                 train_step, base_sh, frozen)
 
 
 def initial_state(cfg: RunConfig, t: Trainer, params=None) -> step_lib.TrainState:

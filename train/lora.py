@@ -93,10 +93,6 @@ def materialize(params):
   return jax.tree.map(_dense, params, is_leaf=_is_wrapped)
 
 
-def _targeted(path, cfg_targets) -> bool:
-  return getattr(path[-1], "key", None) in cfg_targets
-
-
 def adapter_specs(model_cfg: l4.Config, cfg: LoraConfig) -> dict:
   """{"blocks": [per slot: {name: {"a": ParamSpec, "b": ParamSpec}} (nested as the params)]}."""
   def pair(spec: l4.ParamSpec):
@@ -170,14 +166,13 @@ def merge(adapters: dict, frozen: dict, cfg: LoraConfig, dtype=jnp.float32) -> d
   return jax.tree.map(lambda a: a.astype(dtype), merged)
 
 
-def frozen_shardings(frozen_abstract: dict, model_cfg: l4.Config, mesh, spec_for) -> dict:
-  """Shardings of the frozen tree: a QTensor's packed/scale arrays keep the weight's axes."""
+def frozen_shardings(frozen_abstract: dict, model_cfg: l4.Config, named) -> dict:
+  """Shardings of the frozen tree, `named(name, shape, logical axes)` for each array
+  (`sharding.named` on the run's mesh): a QTensor's packed/scale arrays keep the weight's axes."""
   axes = l4.param_axes(model_cfg)
-  mesh_shape = dict(mesh.shape)
 
   def one(path, x, ax):
-    return jax.sharding.NamedSharding(mesh, spec_for(jax.tree_util.keystr(path), x.shape, ax,
-                                                     mesh_shape))
+    return named(jax.tree_util.keystr(path), x.shape, ax)
 
   def leaf(path, x, ax):
     if isinstance(x, QTensor):
@@ -187,11 +182,10 @@ def frozen_shardings(frozen_abstract: dict, model_cfg: l4.Config, mesh, spec_for
                                           is_leaf=_is_wrapped)
 
 
-def adapter_shardings(model_cfg: l4.Config, cfg: LoraConfig, mesh, spec_for) -> dict:
-  mesh_shape = dict(mesh.shape)
+def adapter_shardings(model_cfg: l4.Config, cfg: LoraConfig, named) -> dict:
+  """Shardings of the adapters, `named(name, shape, logical axes)` for each."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, s: jax.sharding.NamedSharding(
-          mesh, spec_for(jax.tree_util.keystr(path), s.shape, s.axes, mesh_shape)),
+      lambda path, s: named(jax.tree_util.keystr(path), s.shape, s.axes),
       adapter_specs(model_cfg, cfg), is_leaf=l4.is_spec)
 
 

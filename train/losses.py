@@ -20,13 +20,18 @@ def next_token_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
   return targets, weights.astype(jnp.float32)
 
 
+def target_logps(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(log p(target), logsumexp of the logits) [B, T], in fp32: THE token log-prob of every stage."""
+  logits = logits_BTV.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  return jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0] - lse, lse
+
+
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array,
                   z_loss: float = 0.0) -> tuple[jax.Array, dict]:
   """Summed (not averaged) weighted NLL and z-loss, in fp32; callers divide by the token count."""
-  logits = logits_BTV.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
-  nll = jnp.sum((lse - target_logit) * weights_BT)
+  logp, lse = target_logps(logits_BTV, targets_BT)
+  nll = -jnp.sum(logp * weights_BT)
   z = z_loss * jnp.sum(jnp.square(lse) * weights_BT)
   return nll + z, {"nll_sum": nll, "z_sum": z}
 

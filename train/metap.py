@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import llama4_jax as l4
-from train.config import MetaPConfig, OptimConfig, from_dict, _fields
+from train.config import MetaPConfig, OptimConfig, from_dict, shallow_fields
 
 VECTOR_AXES = {"norm", "bias"}
 LOOKUP_AXES = {"vocab", "vision_pos"}  # tables indexed by token id / patch position
@@ -123,12 +123,12 @@ def classify(path: str, spec) -> str:
 
 def base_config(target: l4.Config, cfg: MetaPConfig) -> l4.Config:
   """The proxy: the target with `metap.base` / `metap.base_vision` overrides."""
-  text = from_dict(l4.TextConfig, {**_fields(target.text), **cfg.base}, "metap.base")
+  text = from_dict(l4.TextConfig, {**shallow_fields(target.text), **cfg.base}, "metap.base")
   vision = target.vision
   if cfg.base_vision:
     if vision is None:
       raise ValueError("metap.base_vision is set but the model has no vision tower")
-    vision = from_dict(l4.VisionConfig, {**_fields(vision), **cfg.base_vision}, "metap.base_vision")
+    vision = from_dict(l4.VisionConfig, {**shallow_fields(vision), **cfg.base_vision}, "metap.base_vision")
   return l4.Config(text=text, vision=vision, image_token_index=target.image_token_index)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import llama4_jax as l4
-from train import metap, optim
+from train import losses, metap, optim
 from train.config import MetaPConfig, OptimConfig
 
 HEAD_DIM = 16
@@ -50,8 +50,7 @@ def base_overrides(cfg: l4.Config) -> dict:
 
 def _nll(cfg: l4.Config, params, ids) -> tuple[jax.Array, dict]:
   out = l4.apply(cfg, params, ids, return_hidden=True)
-  logits = out.logits[:, :-1].astype(jnp.float32)
-  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, ids[:, 1:, None], -1)[..., 0]
+  nll = -losses.target_logps(out.logits[:, :-1], ids[:, 1:])[0]
   acts = {f"layer{i}.resid": out.hidden[i] for i in range(out.hidden.shape[0])}
   acts |= {f"moe{i}.router_logits": out.router_logits[i] for i in range(out.router_logits.shape[0])}
   acts["logits"] = out.logits

@@ -1,6 +1,5 @@
 """Model FLOPs, hardware peak and MFU; metric sinks (metrics.jsonl and TensorBoard)."""
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -70,21 +69,9 @@ def peak_flops(override: float | None, dtype) -> tuple[float, str]:
 def _records_before(path: Path, step: int) -> list[str]:
   """metrics.jsonl's lines of steps before `step` (later ones are recomputed after a restart).
   A torn last line (a kill mid-write) is dropped; a bad line elsewhere raises, named."""
-  lines = path.read_text().split("\n")
-  keep = []
-  for n, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      if all(not rest.strip() for rest in lines[n:]):
-        print(f"{path}:{n}: dropped a torn last line", file=sys.stderr)
-        break
-      raise ValueError(f"{path}:{n}: not a JSON record ({e}); fix or remove the line") from e
-    if record["step"] < step:
-      keep.append(line)
-  return keep
+  from train import data
+  return [line for _, record, line in data.jsonl_records(path, torn_tail=True)
+          if record["step"] < step]
 
 
 class Sinks:

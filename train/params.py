@@ -89,17 +89,13 @@ def _restore_trained(path: Path, target):
   return ocp.PyTreeCheckpointer().restore((path / "state").absolute(), args=restore)["params"]
 
 
-def one_device():
-  """The sharding of params measured on one device (the pipeline's before/after measures)."""
-  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-
 def starting_params(cfg: RunConfig) -> dict:
   """A recipe's starting params, on one device."""
-  return initial_params(cfg, cfg.model.build(), one_device())
+  return initial_params(cfg, cfg.model.build(), sharding.one_device())
 
 
 def final_params(cfg: RunConfig) -> dict:
   """A finished run's last step's params, on one device."""
   step = Path(cfg.workdir) / "checkpoints" / str(cfg.steps)
-  return restore_params(step, cfg.model.build(), one_device(), jnp.dtype(cfg.model.param_dtype))
+  return restore_params(step, cfg.model.build(), sharding.one_device(),
+                        jnp.dtype(cfg.model.param_dtype))

@@ -43,7 +43,7 @@ def stages(d: dict, overrides: tuple[str, ...] = ()) -> list[tuple[str, RunConfi
     raise ConfigError(f"pipeline: expected a mapping with keys {list(KEYS)} (stages required)")
   base = dict(p.get("base") or {})
   for o in overrides:  # --set applies to every stage
-    config_lib._apply_override(base, o)
+    config_lib.apply_override(base, o)
   workdir = Path(p.get("workdir", "workdirs/pipeline"))
   out, previous = [], None
   for i, s in enumerate(p["stages"]):

@@ -1,18 +1,17 @@
 """report.png of a workdir: the loss curve, the expert load (MoE layers x experts) and each MoE
 layer's max / mean load over the steps."""
-import json
 from pathlib import Path
 
 import numpy as np
 
-from train import metrics
+from train import data, metrics
 
 
 def read_metrics(workdir: Path) -> list[dict]:
   path = Path(workdir) / "metrics.jsonl"
   if not path.is_file():
     raise FileNotFoundError(f"{path} does not exist: is {workdir} a training workdir?")
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  return [record for _, record, _ in data.jsonl_records(path, torn_tail=True)]
 
 
 def write(workdir: Path) -> Path:

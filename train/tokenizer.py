@@ -8,7 +8,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 # Llama 4's special tokens, in the order they get ids after the 256 bytes.
 SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|header_start|>",
            "<|header_end|>", "<|eot|>")
-BYTE_VOCAB_SIZE = 264  # 256 bytes + 6 special tokens, rounded up to a multiple of 8
 # Llama 4's image tokens (ImageTokens' fields in order); the multimodal byte tokenizer has them
 # after SPECIAL, so `presets.tiny_multimodal()` ids 262..267 match it.
 IMAGE_SPECIAL = ("<|image_start|>", "<|image_end|>", "<|tile_x_separator|>",

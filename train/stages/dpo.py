@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import llama4_jax as l4
-from train import chat, data, params as params_lib, tokenizer as tokenizer_lib
+from train import chat, data, losses, params as params_lib, tokenizer as tokenizer_lib
 from train.config import DataConfig
 from train.stages import lm
 from train.stages.base import HostBatches, held_out, host
@@ -39,7 +39,7 @@ def check_pair(record, where: str) -> dict:
 
 
 def read_pairs(path: str) -> list[dict]:
-  return chat.read_jsonl(path, check_pair)
+  return data.read_jsonl(path, check_pair)
 
 
 def encode_pair(render: chat.Renderer, pair: dict) -> dict:
@@ -62,10 +62,8 @@ def sequence_logps(model_cfg: l4.Config, params, tokens, mask, remat: bool = Fal
   batch = {"tokens": tokens, "segment_ids": real.astype(jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)}
   out = lm.forward(model_cfg, params, batch, remat, hooks)
-  logits = l4.model.head(model_cfg.text, params, out.final)[:, :-1].astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  tok = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(tok * mask[:, 1:], axis=1), out
+  logits = l4.model.head(model_cfg.text, params, out.final)[:, :-1]
+  return jnp.sum(losses.target_logps(logits, tokens[:, 1:])[0] * mask[:, 1:], axis=1), out
 
 
 def both(batch: dict) -> tuple[jax.Array, jax.Array]:

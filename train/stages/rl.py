@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import llama4_jax as l4
-from train import chat, data, params as params_lib, tasks, tokenizer as tokenizer_lib
+from train import chat, data, losses, params as params_lib, tasks, tokenizer as tokenizer_lib
 from train.config import DataConfig, RLConfig
 from train.stages import lm
 from train.stages.base import held_out
@@ -82,8 +82,8 @@ def token_logps(cfg: l4.Config, params, tokens_BT, mask_BT, remat: bool = False,
                 hooks: l4.Hooks = l4.Hooks()) -> jax.Array:
   """log p(tokens[t] | tokens[<t]) at [B, t] for t >= 1 (column 0 is 0)."""
   out = l4.apply(cfg, params, tokens_BT, mask_BT, remat=remat, hooks=hooks, with_head=False)
-  logits = l4.model.head(cfg.text, params, out.final)[:, :-1].astype(jnp.float32)
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens_BT[:, 1:, None], -1)[..., 0]
+  logits = l4.model.head(cfg.text, params, out.final)[:, :-1]
+  logp = losses.target_logps(logits, tokens_BT[:, 1:])[0]
   return jnp.pad(logp, ((0, 0), (1, 0))), out
 
 
@@ -242,9 +242,6 @@ class Rollouts:
   def set_state(self, state: bytes) -> None:
     self.it.set_state(json.loads(state.decode()))
 
-  def close(self) -> None:
-    pass
-
 
 class RolloutBatches:
   """`base.Batches` of the RL stage: every process gets the whole global batch from the rollouts
@@ -268,12 +265,12 @@ class RolloutBatches:
     pass
 
   def close(self) -> None:
-    self.rollouts.close()
+    pass  # nothing open: the prompt stream is in memory
 
 
 def read_prompts(data_cfg: DataConfig, workdir: str) -> list[dict]:
   """The prompt records of the configured files (or of the embedded task)."""
-  return [r for p in data.resolve_paths(data_cfg, workdir) for r in chat.read_jsonl(p, check_prompt)]
+  return [r for p in data.resolve_paths(data_cfg, workdir) for r in data.read_jsonl(p, check_prompt)]
 
 
 class Stage:
