@@ -68,7 +68,7 @@ def stages(d: dict, overrides: tuple[str, ...] = ()) -> list[tuple[str, RunConfi
 
 def run(d: dict, overrides: tuple[str, ...] = ()) -> list[dict]:
   """Runs (or resumes) every stage; returns each stage's summary."""
-  from train import loop, params, stages  # jax is imported once the recipe is known to be valid
+  from train import loop, params, stages as stages_lib  # jax: once the recipe is known valid
   plan = stages(d, overrides)
   summaries = []
   for name, cfg in plan:
@@ -82,7 +82,7 @@ def run(d: dict, overrides: tuple[str, ...] = ()) -> list[dict]:
     (workdir / "recipe.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
     print(f"[pipeline] {name}: {cfg.steps} steps in {workdir}")
     examples = int(d["pipeline"].get("eval_examples", 128))
-    stage, start = stages.for_recipe(cfg), params.starting_params(cfg)
+    stage, start = stages_lib.for_recipe(cfg), params.starting_params(cfg)
     before = stage.measure(start, examples, start=start)
     del start  # not held on the device while the stage trains
     record = loop.run(cfg)  # SIGTERM raises workdir.Interrupted: a rerun resumes this stage
