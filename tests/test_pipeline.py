@@ -47,3 +47,15 @@ def test_a_bad_stage_is_named_before_anything_runs(tmp_path):
   assert not (tmp_path / "p").exists()
   with pytest.raises(config_lib.ConfigError, match="used twice"):
     pipeline.stages(_pipeline(tmp_path, [STAGES[0], STAGES[0]]))
+
+
+@pytest.mark.parametrize("section,culprit", [
+    ({"stages": []}, "pipeline.stages: at least one stage"),
+    ({"stages": [{"name": "a"}], "eval_examples": 0}, "pipeline.eval_examples=0"),
+    ({"stages": [{"name": "a"}], "evals": 3}, r"unknown key\(s\) \['evals'\] in pipeline"),
+    ({"stages": [{"name": "a"}], "eval_examples": "many"}, "pipeline.eval_examples: expected int"),
+    ("stages", "pipeline: expected a mapping"),
+])
+def test_a_bad_pipeline_section_is_one_error_naming_it(section, culprit):
+  with pytest.raises(config_lib.ConfigError, match=culprit):
+    pipeline.stages({"pipeline": section})

@@ -17,6 +17,7 @@ WORKDIR/NAME/recipe.yaml reruns it alone. Measures (each stage's `measure`, trai
 summary table printed at the end.
 """
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,7 +27,27 @@ from train import config as config_lib
 from train.config import ConfigError, RunConfig
 
 
-KEYS = ("workdir", "eval_examples", "base", "stages")
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """The `pipeline:` section (see the module docstring)."""
+  stages: tuple[dict, ...] = ()
+  workdir: str = "workdirs/pipeline"
+  eval_examples: int = 128
+  base: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if not self.stages:
+      raise ValueError("pipeline.stages: at least one stage is required")
+    if self.eval_examples < 1:
+      raise ValueError(f"pipeline.eval_examples={self.eval_examples}: must be >= 1")
+
+
+def section(d: dict) -> PipelineConfig:
+  """The typed `pipeline:` section of a YAML mapping."""
+  if not isinstance(d.get("pipeline"), dict):
+    raise ConfigError("pipeline: expected a mapping with keys "
+                      f"{[f.name for f in dataclasses.fields(PipelineConfig)]}")
+  return config_lib.from_dict(PipelineConfig, d["pipeline"], "pipeline")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -38,15 +59,13 @@ def _merge(base: dict, over: dict) -> dict:
 
 def stages(d: dict, overrides: tuple[str, ...] = ()) -> list[tuple[str, RunConfig]]:
   """[(name, recipe)] of a `pipeline:` mapping; each recipe checked as a RunConfig."""
-  p = d.get("pipeline")
-  if not isinstance(p, dict) or set(p) - set(KEYS) or "stages" not in p:
-    raise ConfigError(f"pipeline: expected a mapping with keys {list(KEYS)} (stages required)")
-  base = dict(p.get("base") or {})
+  p = section(d)
+  base = copy.deepcopy(p.base)
   for o in overrides:  # --set applies to every stage
     config_lib.apply_override(base, o)
-  workdir = Path(p.get("workdir", "workdirs/pipeline"))
+  workdir = Path(p.workdir)
   out, previous = [], None
-  for i, s in enumerate(p["stages"]):
+  for i, s in enumerate(p.stages):
     if not isinstance(s, dict) or not isinstance(s.get("name"), str):
       raise ConfigError(f"pipeline.stages[{i}]: expected a mapping with a name")
     name = s["name"]
@@ -81,7 +100,7 @@ def run(d: dict, overrides: tuple[str, ...] = ()) -> list[dict]:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "recipe.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
     print(f"[pipeline] {name}: {cfg.steps} steps in {workdir}")
-    examples = int(d["pipeline"].get("eval_examples", 128))
+    examples = section(d).eval_examples
     stage, start = stages_lib.for_recipe(cfg), params.starting_params(cfg)
     before = stage.measure(start, examples, start=start)
     del start  # not held on the device while the stage trains
