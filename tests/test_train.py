@@ -60,6 +60,14 @@ def test_in_process_run_traces_once_and_writes_everything(tmp_path):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4", "6"]
 
 
+def test_log_every_throttles_the_metrics_log(tmp_path):
+  cfg = config_lib.from_dict(config_lib.RunConfig,
+                             {**TINY, "workdir": str(tmp_path), "steps": 7, "log_every": 3})
+  record = loop.run(cfg)
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [0, 3, 6] and record["step"] == 6
+
+
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, reference_run, xla_cache):
   recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "work")
   kill_after = random.Random(time.time_ns()).randint(2, 9)  # a random step, reported on failure

@@ -268,7 +268,7 @@ class RunConfig:
   workdir: str = "workdirs/quickstart"
   steps: int = 300
   seed: int = 0
-  log_every: int = 10
+  log_every: int = 10  # metrics.jsonl + TensorBoard: every N-th step, the last and non-finite ones
   peak_flops_per_device: float | None = None  # None: from the device kind, or measured on CPU
   report: bool = True                          # write report.png at the end
   model: ModelConfig = ModelConfig()

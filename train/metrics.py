@@ -127,7 +127,8 @@ def to_record(step: int, metrics: dict, seconds: float, tokens: int, flops_per_t
 
 class StepLog:
   """The loop's record keeping: each fetched step's record (rates from the host clock), its health
-  check, metrics.jsonl / TensorBoard and the progress bar; WORKDIR/config.json with the peak."""
+  check, metrics.jsonl / TensorBoard every `log_every` steps and the progress bar;
+  WORKDIR/config.json with the peak."""
 
   def __init__(self, cfg, model_cfg: l4.Config, devices: int, workdir: Path, start: int, ckpt):
     from tqdm import tqdm
@@ -139,6 +140,7 @@ class StepLog:
     (workdir / "config.json").write_text(json.dumps(
         {**to_dict(cfg), "peak_flops": self.peak, "peak_source": source}, indent=2))
     self.tokens, self.devices, self.ckpt = cfg.data.batch_size * cfg.data.seq_len, devices, ckpt
+    self.every, self.last_step = cfg.log_every, cfg.steps - 1
     self.health = health.Health(cfg.optim.skip_nonfinite)
     self.bar = tqdm(total=cfg.steps, initial=start, disable=jax.process_index() != 0, desc="train")
     self.last = time.perf_counter()
@@ -153,8 +155,9 @@ class StepLog:
     rec.update(host_metrics)
     try:
       self.health.check(rec, self.ckpt.latest_step())
-    finally:  # the step that raised the alarm is recorded too
-      self.sinks.write(rec)
+    finally:  # every `log_every`-th step, the last, and any non-finite one (it raised the alarm)
+      if n % self.every == 0 or n == self.last_step or rec.get("nonfinite"):
+        self.sinks.write(rec)
     self.bar.update(1)
     self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     return rec
