@@ -234,6 +234,22 @@ def atomic_dir(path: Path, sources=(), overwrite: bool = False):
     raise
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path):
+  """Yields a text file that becomes `path` when the block succeeds: written as `path.PID.tmp`
+  beside it (hosts sharing a directory each write their own), renamed over it at the end, removed
+  on failure. The one way generated files are written."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
+  try:
+    with tmp.open("w") as f:
+      yield f
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
 def replace_dir(new: Path, path: Path) -> None:
   """Renames `new` to `path`; an existing `path` is removed only once `new` is in place."""
   if not path.exists():

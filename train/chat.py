@@ -12,7 +12,6 @@ Conversations are packed first-fit like pretraining documents; segment ids keep 
 each conversation and the loss follows each row's mask (train/losses.py).
 """
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -108,11 +107,10 @@ def resolve_paths(cfg: DataConfig, workdir: str) -> tuple[str, ...]:
   (arithmetic,) = data.resolve_paths(cfg, workdir)
   path = Path(arithmetic).with_suffix(".chat.jsonl")
   if not path.is_file():
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    with open(arithmetic) as f, open(tmp, "w") as out:
+    from llama4_jax import hf_io
+    with open(arithmetic) as f, hf_io.atomic_file(path) as out:
       for line in f:
         r = json.loads(line)
         out.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
                                            {"role": "assistant", "content": r["answer"]}]}) + "\n")
-    tmp.replace(path)
   return (str(path),)

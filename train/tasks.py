@@ -4,7 +4,6 @@ Each record has `text` (for pretraining), `prompt` and `answer` (for SFT, RL rew
 in the later stages). Generation is deterministic in the seed.
 """
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,11 @@ def write_jsonl(path: Path, num_examples: int, max_operand: int, seed: int) -> P
   path = Path(path)
   if path.is_file():
     return path
+  from llama4_jax import hf_io
   rng = np.random.default_rng(seed)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(f".{os.getpid()}.tmp")  # hosts sharing a workdir each write their own
-  with tmp.open("w") as f:
+  with hf_io.atomic_file(path) as f:
     for _ in range(num_examples):
       f.write(json.dumps(example(rng, max_operand)) + "\n")
-  tmp.replace(path)
   return path
 
 
@@ -50,15 +47,15 @@ def write_colors(directory: Path, num_examples: int, seed: int) -> Path:
   and records `{"text": "<|image|>colour: NAME", "images": [file], "prompt", "answer"}`. The name
   is only in the pixels, so the loss on it falls only by looking. Reused when complete."""
   from PIL import Image  # only the multimodal task needs it
+  from llama4_jax import hf_io
   directory = Path(directory)
   path = directory / "colors.jsonl"
   if path.is_file():
     return path
   rng = np.random.default_rng(seed)
   (directory / "images").mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(f".{os.getpid()}.tmp")
   names = sorted(COLORS)
-  with tmp.open("w") as f:
+  with hf_io.atomic_file(path) as f:
     for i in range(num_examples):
       name = names[int(rng.integers(len(names)))]
       h, w = (int(v) for v in rng.integers(20, 120, size=2))
@@ -69,5 +66,4 @@ def write_colors(directory: Path, num_examples: int, seed: int) -> Path:
       Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(directory / file)
       f.write(json.dumps({"text": f"<|image|>colour: {name}", "images": [file],
                           "prompt": "<|image|>colour:", "answer": f" {name}"}) + "\n")
-  tmp.replace(path)
   return path

@@ -8,7 +8,6 @@ log-probability. loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))): 
 the policy equals the reference.
 """
 import json
-import os
 from pathlib import Path
 
 import grain
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import llama4_jax as l4
+from llama4_jax import hf_io
 from train import chat, data, losses, params as params_lib, tokenizer as tokenizer_lib
 from train.config import DataConfig
 from train.stages import lm
@@ -115,14 +115,12 @@ def resolve_pairs(cfg: DataConfig, workdir: str) -> tuple[str, ...]:
   path = Path(arithmetic).with_suffix(".pairs.jsonl")
   if not path.is_file():
     rng = np.random.default_rng(cfg.synthetic.seed)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    with open(arithmetic) as f, open(tmp, "w") as out:
+    with open(arithmetic) as f, hf_io.atomic_file(path) as out:
       for line in f:
         r = json.loads(line)
         wrong = int(r["answer"]) + int(rng.choice([-10, -2, -1, 1, 2, 10]))
         out.write(json.dumps({"prompt": r["prompt"], "chosen": r["answer"],
                               "rejected": str(wrong)}) + "\n")
-    tmp.replace(path)
   return (str(path),)
 
 
