@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -18,7 +19,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from llama4_jax import config as config_lib
 from llama4_jax import convert
@@ -126,26 +126,52 @@ def load_hf(path, dtype=None) -> tuple[Config, dict]:
   return cfg, jax.tree.map(cast, params)
 
 
-def _write_shards(out: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for name, a in tensors.items():
-    if shards[-1] and size + a.nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][name] = np.ascontiguousarray(a)
-    size += a.nbytes
-  if len(shards) == 1:
-    save_file(shards[0], out / SINGLE, metadata={"format": "pt"})
-    return
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, out / fname, metadata={"format": "pt"})
-    weight_map.update({name: fname for name in shard})
-  total = sum(a.nbytes for a in tensors.values())
-  (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                       "weight_map": weight_map}, indent=2))
+def write_safetensors(out: Path, tensors: dict, max_shard_bytes: int, on_bytes=None) -> None:
+  """THE safetensors writer (`save_hf` and the streaming `llama4-convert orbax-to-hf`): `tensors`
+  maps name -> (shape, dtype, read), written in that order into shards of at most
+  `max_shard_bytes` (a bigger tensor gets a shard of its own), named as transformers names them,
+  with the index when there are several. Each `read()` runs once, when its bytes are written, so
+  one tensor is in memory at a time; `on_bytes(n)` follows each."""
+  codes = {np.dtype(v): k for k, v in DTYPES.items()}
+  shards, size = [[]], 0
+  for name, (shape, dtype, _) in tensors.items():
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if shards[-1] and size + n > max_shard_bytes:
+      shards, size = shards + [[]], 0
+    shards[-1].append(name)
+    size += n
+  files = ([SINGLE] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  for fname, shard in zip(files, shards):
+    with open(out / fname, "wb") as f:
+      f.write(_safetensors_header([(n, *tensors[n][:2]) for n in shard], codes))
+      for name in shard:
+        shape, dtype, read = tensors[name]
+        a = np.ascontiguousarray(read())
+        if a.shape != tuple(shape) or a.dtype != dtype:
+          raise CheckpointError(f"{name}: read {a.dtype}{a.shape}, planned {dtype}{shape}")
+        f.write(a.view(np.uint8).data)  # raw bytes (bf16 has no buffer format)
+        if on_bytes:
+          on_bytes(a.nbytes)
+  if len(shards) > 1:
+    total = sum(int(np.prod(t[0])) * np.dtype(t[1]).itemsize for t in tensors.values())
+    weight_map = {n: fname for fname, shard in zip(files, shards) for n in shard}
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                         "weight_map": weight_map}, indent=2))
+
+
+def _safetensors_header(entries: list, codes: dict) -> bytes:
+  """The 8-byte length and JSON header of a safetensors file of `entries` (name, shape, dtype)."""
+  header, offset = {}, 0
+  for name, shape, dtype in entries:
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": codes[np.dtype(dtype)], "shape": list(shape),
+                    "data_offsets": [offset, offset + n]}
+    offset += n
+  header["__metadata__"] = {"format": "pt"}
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  return struct.pack("<Q", len(raw)) + raw
 
 
 def save_hf(path, cfg: Config, params: dict, *, max_shard_bytes: int = 5 * 2**30,
@@ -168,7 +194,8 @@ def save_hf(path, cfg: Config, params: dict, *, max_shard_bytes: int = 5 * 2**30
   hf_config = config_lib.to_hf(cfg, dtype=dtype)
   with atomic_dir(path, overwrite=overwrite) as tmp:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    _write_shards(tmp, tensors, max_shard_bytes)
+    write_safetensors(tmp, {n: (a.shape, a.dtype, lambda a=a: a) for n, a in tensors.items()},
+                      max_shard_bytes)
 
 
 class OutputError(ValueError):

@@ -144,14 +144,14 @@ def test_failed_save_leaves_no_directory_and_keeps_the_old_one(tmp_path, monkeyp
 
   def fail(*a, **k):
     raise OSError("disk full")
-  monkeypatch.setattr(hf_io, "save_file", fail)
+  monkeypatch.setattr(hf_io, "_safetensors_header", fail)  # fails mid-write
   with pytest.raises(OSError, match="disk full"):
     l4.save_hf(tmp_path / "new", cfg, params)
   assert list(tmp_path.iterdir()) == []
   monkeypatch.undo()
   l4.save_hf(tmp_path / "old", cfg, params)
   before = sorted(p.name for p in (tmp_path / "old").iterdir())
-  monkeypatch.setattr(hf_io, "save_file", fail)
+  monkeypatch.setattr(hf_io, "_safetensors_header", fail)  # fails mid-write
   with pytest.raises(OSError):
     l4.save_hf(tmp_path / "old", cfg, params, overwrite=True)
   assert sorted(p.name for p in (tmp_path / "old").iterdir()) == before

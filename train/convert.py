@@ -17,7 +17,6 @@ optimizer state is not read). Output appears under its final name only once comp
 """
 import argparse
 import json
-import struct
 import sys
 import time
 from pathlib import Path
@@ -34,8 +33,6 @@ from llama4_jax import config as config_lib, convert, hf_io
 from train import cli
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
-ST_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
-            np.dtype(np.float16): "F16"}
 ORBAX_HANDLER = ("orbax.checkpoint._src.handlers.standard_checkpoint_handler."
                  "StandardCheckpointHandler")
 
@@ -159,30 +156,6 @@ class _Source:
 
 
 
-def _safetensors_header(entries: list[tuple[str, tuple, np.dtype]]) -> bytes:
-  header, offset = {}, 0
-  for name, shape, dtype in entries:
-    n = int(np.prod(shape)) * dtype.itemsize
-    header[name] = {"dtype": ST_CODES[dtype], "shape": list(shape),
-                    "data_offsets": [offset, offset + n]}
-    offset += n
-  header["__metadata__"] = {"format": "pt"}
-  raw = json.dumps(header, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)
-  return struct.pack("<Q", len(raw)) + raw
-
-
-def _plan_shards(entries: list, max_shard_bytes: int) -> list[list]:
-  shards, size = [[]], 0
-  for e in entries:
-    n = int(np.prod(e[1])) * e[2].itemsize
-    if shards[-1] and size + n > max_shard_bytes:
-      shards, size = shards + [[]], 0
-    shards[-1].append(e)
-    size += n
-  return shards
-
-
 def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = True,
                 overwrite: bool = False) -> Path:
   """Streams a params checkpoint into a HF directory `from_pretrained` loads."""
@@ -198,13 +171,15 @@ def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = 
     shape = jax.eval_shape(rule.to_hf, *(jax.ShapeDtypeStruct(
         st.shape if row is None else st.shape[1:], dtype) for st in stores)).shape
     produce[name] = (shape, dtype, read)
-  entries = [(n, shape, dtype) for n, (shape, dtype, _) in produce.items()]
   dtypes = {dtype for _, dtype, _ in produce.values()}
   hf_config = s.hf_config or config_lib.to_hf(
       s.cfg, dtype=hf_io.DTYPE_NAMES[max(dtypes, key=lambda d: d.itemsize)])
   out = Path(hf_dir)
   with hf_io.atomic_dir(out, (src,), overwrite) as tmp:
-    _write_hf(tmp, _plan_shards(entries, max_shard_bytes), produce, progress)
+    total = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype, _ in produce.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="orbax-to-hf",
+              disable=not progress) as bar:
+      hf_io.write_safetensors(tmp, produce, max_shard_bytes, bar.update)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
   return out
 
@@ -233,27 +208,6 @@ def merge_lora(step_dir, out_dir, dtype=None, overwrite: bool = False) -> Path:
     hf_config = config_lib.to_hf(cfg, dtype=hf_io.DTYPE_NAMES[np.dtype(dtype)])
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
   return out
-
-
-def _write_hf(out: Path, shards: list[list], produce: dict, progress: bool) -> None:
-  total = sum(int(np.prod(e[1])) * e[2].itemsize for shard in shards for e in shard)
-  names = ([hf_io.SINGLE] if len(shards) == 1 else
-           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-  with tqdm(total=total, unit="B", unit_scale=True, desc="orbax-to-hf",
-            disable=not progress) as bar:
-    for fname, shard in zip(names, shards):
-      with open(out / fname, "wb") as f:
-        f.write(_safetensors_header(shard))
-        for name, shape, dtype in shard:
-          a = np.ascontiguousarray(produce[name][2]())
-          if a.shape != tuple(shape) or a.dtype != dtype:
-            raise hf_io.CheckpointError(f"{name}: read {a.dtype}{a.shape}, planned {dtype}{shape}")
-          f.write(a.view(np.uint8).data)  # raw bytes (bf16 has no buffer format)
-          bar.update(a.nbytes)
-  if len(shards) > 1:
-    weight_map = {e[0]: fname for fname, shard in zip(names, shards) for e in shard}
-    (out / hf_io.INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                               "weight_map": weight_map}, indent=2))
 
 
 def main(argv=None) -> int:
