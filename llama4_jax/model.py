@@ -129,13 +129,19 @@ def embed_tokens(cfg: TextConfig, params: dict, input_ids: jax.Array) -> jax.Arr
 
 
 def embed(cfg: Config, params: dict, input_ids: jax.Array, pixel_values=None, *,
-          remat: bool = False) -> jax.Array:
-  """Token embeddings, with the image features of `pixel_values` [N, C, S, S] (every image's tiles
-  in order) in the `image_token_index` positions."""
+          remat: bool = False, constrain=layers.unconstrained) -> jax.Array:
+  """Token embeddings, with image features in the `image_token_index` positions: of
+  `pixel_values` [N, C, S, S] (every image's tiles in order over the batch, as HF), or, for
+  training batches, [B, tiles, C, S, S] (each row's own tiles, zero tiles padding a row)."""
   x = embed_tokens(cfg.text, params, input_ids)
   if pixel_values is None:
     return x
-  _, rows = vision.image_features(cfg, params, pixel_values, remat=remat)
+  per_row = pixel_values.ndim == 5
+  tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:]) if per_row else pixel_values
+  _, rows = vision.image_features(cfg, params, tiles, remat=remat, constrain=constrain)
+  if per_row:
+    rows = rows.reshape(pixel_values.shape[0], -1, rows.shape[-1])
+    return vision.merge_rows(x, input_ids, rows, cfg.image_token_index)
   return vision.merge(x, input_ids, rows, cfg.image_token_index)
 
 
@@ -203,13 +209,14 @@ def apply(cfg: Config, params: dict, input_ids: jax.Array, attention_mask=None,
           pixel_values=None, *, positions=None, segment_ids=None, scan: bool = True,
           remat: bool = False, return_hidden: bool = False, hooks: Hooks = Hooks(),
           with_head: bool = True) -> Output:
-  """Full forward with every output (see `Output`). pixel_values [N, C, S, S]: the tiles of every
-  image in the batch in order; their features fill the `image_token_index` positions (early
-  fusion, as `Llama4ForConditionalGeneration`)."""
+  """Full forward with every output (see `Output`), the one entry point of every stage.
+  pixel_values [N, C, S, S]: the tiles of every image in the batch in order, or [B, tiles, C, S,
+  S]: each row's own; their features fill the `image_token_index` positions (early fusion, as
+  `Llama4ForConditionalGeneration`). Packed rows: `segment_ids` and `positions` [B, T]."""
   t = cfg.text
   b, length = input_ids.shape
   ctx = token_context(t, b, length, attention_mask, positions, segment_ids)
-  x = embed(cfg, params, input_ids, pixel_values, remat=remat)
+  x = embed(cfg, params, input_ids, pixel_values, remat=remat, constrain=hooks.constrain)
   return run(t, params, x, ctx, scan=scan, remat=remat, return_hidden=return_hidden, hooks=hooks,
              with_head=with_head)
 

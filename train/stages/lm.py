@@ -15,19 +15,9 @@ def forward(model_cfg: l4.Config, params, batch: dict, remat: bool, hooks: l4.Ho
   """The model on a packed batch, without the LM head. A multimodal batch carries pixel_values
   [B, tiles, C, S, S]: row b's image-token positions take its own tiles' features in order (zero
   tiles may pad rows to one tile count)."""
-  t = model_cfg.text
-  tokens = batch["tokens"]
-  ctx = l4.model.token_context(t, *tokens.shape, positions=batch["positions"],
-                               segment_ids=batch["segment_ids"])
-  x = l4.model.embed_tokens(t, params, tokens)
-  if "pixel_values" in batch:
-    b, n = batch["pixel_values"].shape[:2]
-    tiles = batch["pixel_values"].reshape(b * n, *batch["pixel_values"].shape[2:])
-    _, rows = l4.vision.image_features(model_cfg, params, tiles, remat=remat,
-                                       constrain=hooks.constrain)
-    x = l4.vision.merge_rows(x, tokens, rows.reshape(b, -1, rows.shape[-1]),
-                             model_cfg.image_token_index)
-  return l4.model.run(t, params, x, ctx, remat=remat, hooks=hooks, with_head=False)
+  return l4.apply(model_cfg, params, batch["tokens"], None, batch.get("pixel_values"),
+                  positions=batch["positions"], segment_ids=batch["segment_ids"], remat=remat,
+                  hooks=hooks, with_head=False)
 
 
 def cast(params, dtype):
