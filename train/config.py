@@ -205,7 +205,7 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
-  """Preference training (train/dpo.py): data.paths are {"prompt", "chosen", "rejected"} JSONL;
+  """Preference training (train/stages/dpo.py): data.paths are {"prompt", "chosen", "rejected"} JSONL;
   the reference is the starting policy, its log-probs computed once into the workdir."""
   beta: float = 0.1
 
@@ -216,7 +216,7 @@ class DPOConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-  """Online RL, GRPO-style (train/rl.py): data.paths are {"prompt", "answer"} JSONL (or the
+  """Online RL, GRPO-style (train/stages/rl.py): data.paths are {"prompt", "answer"} JSONL (or the
   embedded task); data.batch_size rows per step = prompts x group_size."""
   group_size: int = 8                       # completions sampled per prompt
   max_new_tokens: int = 8                   # completion length (data.seq_len covers prompt + it)
