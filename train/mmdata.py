@@ -4,7 +4,8 @@ Records are `{"text": "... <|image|> ...", "images": ["a.png", ...]}` (paths rel
 file): each `<|image|>` is expanded into the image's tokens and its tiles are appended to the row's
 `pixel_values` (llama4_jax.processor, equal to HF's processor). One record per row, no packing: rows
 are padded to `seq_len` tokens and `row_tiles` zero tiles, so every batch has static shapes; the
-model fills each row's `<|patch|>` positions from that row's tiles in order (`l4.apply` with per-row pixel values).
+model fills each row's `<|patch|>` positions from that row's tiles in order (`l4.apply` with
+per-row pixel values).
 Image tokens are never training targets (`loss_mask`). A record longer than `seq_len` is cut at a
 whole image. As in train/data.py each host reads its own slice, shuffled and repeated.
 """
