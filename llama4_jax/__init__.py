@@ -16,10 +16,11 @@ from llama4_jax.config import Config, Llama3Scaling, TextConfig, VisionConfig
 from llama4_jax.decode import extend, init_cache
 from llama4_jax.hf_io import CheckpointError, load_hf, save_hf
 from llama4_jax.model import Hooks, Output, apply, forward
-from llama4_jax.params import ParamSpec, init_params, is_spec, param_axes, param_count, param_specs
+from llama4_jax.params import (BLOCK_MATMULS, ParamSpec, init_params, is_spec, param_axes,
+                               param_count, param_specs)
 
 __all__ = [
-    "CheckpointError", "Config", "Hooks", "Llama3Scaling", "Output", "ParamSpec", "TextConfig", "VisionConfig",
+    "BLOCK_MATMULS", "CheckpointError", "Config", "Hooks", "Llama3Scaling", "Output", "ParamSpec", "TextConfig", "VisionConfig",
     "apply", "is_spec",
     "extend", "forward", "init_cache", "init_params", "load_hf", "param_axes", "param_count",
     "param_specs", "presets", "processor", "save_hf", "vision",

@@ -32,6 +32,12 @@ class ParamSpec(NamedTuple):
                                 # norm | readout | vision | projector
 
 
+# The matmul weights of a block by their leaf names (attention; the dense MLP or every routed
+# expert as gate/up/down; the shared expert): what LoRA may adapt and QLoRA quantizes.
+BLOCK_MATMULS = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up",
+                 "shared_down")
+
+
 def _normal(std: float) -> Init:
   return lambda key, shape, dtype: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 

@@ -239,8 +239,7 @@ class RLConfig:
                        "rl.kl_coef >= 0")
 
 
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up",
-                "shared_down", "router")
+LORA_TARGETS = l4.BLOCK_MATMULS + ("router",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +247,7 @@ class LoraConfig:
   """LoRA / QLoRA (train/lora.py): only adapters train; the base is frozen (int4 when quantize)."""
   rank: int = 16
   alpha: float = 32.0                       # adapters scaled by alpha / rank
-  targets: tuple[str, ...] = LORA_TARGETS[:-1]  # block weights: gate/up/down = dense MLP and
+  targets: tuple[str, ...] = l4.BLOCK_MATMULS  # block weights: gate/up/down = dense MLP and
                                             #   every routed expert; shared_* = the shared expert
   quantize: bool = False                    # QLoRA: frozen block matrices in int4
   group_size: int = 64                      # int4 values per bf16 scale (along the last axis)

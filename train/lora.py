@@ -139,13 +139,10 @@ def freeze(base: dict, cfg: LoraConfig) -> dict:
 
   def leaf(path, w):
     name = jax.tree_util.keystr(path)
-    if getattr(path[-1], "key", None) in QUANTIZED:
+    if getattr(path[-1], "key", None) in l4.BLOCK_MATMULS:
       return quantize(w, cfg.group_size, name)
     return w
   return {**base, "blocks": jax.tree_util.tree_map_with_path(leaf, base["blocks"])}
-
-
-QUANTIZED = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
 
 
 def combine(adapters: dict, frozen: dict, cfg: LoraConfig) -> dict:
