@@ -59,7 +59,7 @@ def _pass(p: dict, rows_AD: jax.Array, counts_SE: jax.Array, lo: int, slot: int,
   ep, num_experts = counts_SE.shape
   local = num_experts // ep
   me = jax.lax.axis_index("expert")
-  to_dev = counts_SE.reshape(ep, ep, local).sum(-1)  # [source, destination] assignments
+  to_dev = _per_device(counts_SE)
   mine = to_dev[me]
   starts = jnp.cumsum(mine) - mine
   send = jnp.clip(mine - lo, 0, slot)
@@ -82,6 +82,12 @@ def _pass(p: dict, rows_AD: jax.Array, counts_SE: jax.Array, lo: int, slot: int,
   return jnp.where(here[:, None], back.at[dest * slot + at].get(mode="fill", fill_value=0), 0)
 
 
+def _per_device(counts_SE: jax.Array) -> jax.Array:
+  """[source, destination device] assignments, from every source's counts per expert."""
+  ep = counts_SE.shape[0]
+  return counts_SE.reshape(ep, ep, -1).sum(-1)
+
+
 def _a2a_moe(p: dict, x_ND: jax.Array, r: moe.Routing, ffn, capacity: float, ragged: bool,
              all_axes: tuple) -> jax.Array:
   """Routed output of the local tokens, by all-to-all dispatch and combine."""
@@ -93,7 +99,7 @@ def _a2a_moe(p: dict, x_ND: jax.Array, r: moe.Routing, ffn, capacity: float, rag
   slot = min(a, math.ceil(capacity * a / ep))
   out = _pass(p, rows_AD, counts_SE, 0, slot, ffn, ragged)
   if slot < a:
-    overflow = jnp.max(counts_SE.reshape(ep, ep, -1).sum(-1)) > slot
+    overflow = jnp.max(_per_device(counts_SE)) > slot
     overflow = jax.lax.psum(overflow.astype(jnp.int32), all_axes) > 0  # the same on every device
     second = partial(_pass, p, rows_AD, counts_SE, slot, a - slot, ffn, ragged)
     out = out + jax.lax.cond(overflow, second, lambda: jnp.zeros_like(rows_AD))

@@ -15,7 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from train.config import CheckpointConfig
+from llama4_jax.config import text_to_hf
+from train.config import CheckpointConfig, to_dict
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -121,7 +122,5 @@ class Checkpointer:
 def model_key(cfg, model_cfg) -> dict:
   """What a checkpoint's shapes depend on (`checkpoints/model.json`): a run with other values
   cannot resume it."""
-  from llama4_jax.config import text_to_hf
-  from train.config import to_dict
   return {"text": text_to_hf(model_cfg.text), "multimodal": model_cfg.vision is not None,
           "lora": None if cfg.lora is None else to_dict(cfg.lora)}

@@ -110,36 +110,37 @@ def run(cfg: RunConfig) -> dict:
   workdir.Locked when another run holds the workdir. A workdir this call created is removed
   again when it fails before writing any file."""
   model_cfg = cfg.model.build()
-  _precheck(cfg, model_cfg)
+  tok = _precheck(cfg, model_cfg)
   workdir = Path(cfg.workdir)
   created = not workdir.exists()
   workdir.mkdir(parents=True, exist_ok=True)
   try:
     with workdir_lib.lock(workdir):
-      return _run(cfg, workdir)
+      return _run(cfg, workdir, tok)
   except BaseException:
     if created:
       workdir_lib.remove_if_empty(workdir)
     raise
 
 
-def _precheck(cfg: RunConfig, model_cfg: l4.Config) -> None:
-  """What can be checked before the workdir is touched: devices, init source, tokenizer, files."""
+def _precheck(cfg: RunConfig, model_cfg: l4.Config):
+  """What can be checked before the workdir is touched: devices, init source, tokenizer, files.
+  Returns the tokenizer (loaded once, used by the stage's data)."""
   sharding.resolve(cfg.mesh, jax.device_count())
   if cfg.model.init_from_hf is not None:
     l4.hf_io.inspect(cfg.model.init_from_hf)  # headers only
   source = cfg.model.init_from_checkpoint
   if source is not None and not Path(source).is_dir():
     raise FileNotFoundError(f"model.init_from_checkpoint={source}: no such directory")
-  tokenizer_lib.for_model(cfg.data.tokenizer, model_cfg)
+  tok = tokenizer_lib.for_model(cfg.data.tokenizer, model_cfg)
   if cfg.data.synthetic is None and cfg.data.synthetic_images is None:
     data.check_paths(cfg.data.paths)
+  return tok
 
 
-def _setup(cfg: RunConfig, workdir: Path):
+def _setup(cfg: RunConfig, workdir: Path, tok):
   """(trainer, batches, checkpointer, first step, state): every input is checked here."""
   t = build(cfg, cfg.model.build())
-  tok = tokenizer_lib.for_model(cfg.data.tokenizer, t.model_cfg)
   batches, params = t.stage.data(t, workdir, tok)  # params: when the data needed them loaded
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))
   ckpt.agree("model.json", checkpoint.model_key(cfg, t.model_cfg))
@@ -149,8 +150,8 @@ def _setup(cfg: RunConfig, workdir: Path):
   return t, batches, ckpt, start, state
 
 
-def _run(cfg: RunConfig, workdir: Path) -> dict:
-  t, batches, ckpt, start, state = _setup(cfg, workdir)
+def _run(cfg: RunConfig, workdir: Path, tok) -> dict:
+  t, batches, ckpt, start, state = _setup(cfg, workdir, tok)
   log = metrics_lib.StepLog(cfg, t.model_cfg, t.mesh.size, workdir, start, ckpt)
   sigterm, pending, record = workdir_lib.Sigterm(), None, {}
   try:

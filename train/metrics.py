@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import llama4_jax as l4
+from train import health
+from train.schema import to_dict
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
@@ -132,11 +134,9 @@ class StepLog:
 
   def __init__(self, cfg, model_cfg: l4.Config, devices: int, workdir: Path, start: int, ckpt):
     from tqdm import tqdm
-    from train import health
     self.sinks = Sinks(workdir, start)  # a bad metrics.jsonl stops the run here
     self.flops_per_token = train_flops_per_token(model_cfg.text, cfg.data.seq_len)
     self.peak, source = peak_flops(cfg.peak_flops_per_device, jnp.dtype(cfg.model.compute_dtype))
-    from train.config import to_dict
     (workdir / "config.json").write_text(json.dumps(
         {**to_dict(cfg), "peak_flops": self.peak, "peak_source": source}, indent=2))
     self.tokens, self.devices, self.ckpt = cfg.data.batch_size * cfg.data.seq_len, devices, ckpt
