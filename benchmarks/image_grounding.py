@@ -89,7 +89,7 @@ def main():
                                                          args.seed)))
     for r, raw in zip(records, (Path(tmp) / "eval" / "colors.jsonl").read_text().splitlines()):
       r["prompt"] = json.loads(raw)["prompt"]
-    tok = tokenizer_lib.load(data_cfg.tokenizer, image_tokens=True)
+    tok = tokenizer_lib.for_model(data_cfg, model_cfg)
     encode = mmdata.Encoder(tok, model_cfg.vision, data_cfg)
     names, fn = sorted(tasks.COLORS), answer_logprob_fn(model_cfg)
     own = [r["images"][0] for r in records]

@@ -24,21 +24,23 @@ def maverick() -> Config:
 
 
 def tiny() -> Config:
-  """A 4-layer model with every Llama 4 feature active at short sequence lengths.
+  """A 4-layer model with every Llama 4 feature active at short sequence lengths, and the token
+  ids of the training byte tokenizer (train/tokenizer.py): bytes, then begin 256, end 257, pad 258,
+  image start 262, end 263 and patch 267 (269 tokens, vocabulary 272).
 
   L0 RoPE chunked dense, L1 RoPE chunked MoE, L2 RoPE chunked dense, L3 NoPE full MoE. Chunk 8 and
   floor_scale 4 make chunking and temperature tuning act within 20 tokens; head_dim 24 != 64/4 and
   llama3 scaling with original length 64 hits all three frequency bands.
   """
   text = TextConfig(
-      vocab_size=256, hidden_size=64, intermediate_size=40, intermediate_size_mlp=96,
+      vocab_size=272, hidden_size=64, intermediate_size=40, intermediate_size_mlp=96,
       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
       num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
       use_qk_norm=True, rope_theta=10000.0,
       rope_scaling=Llama3Scaling(8.0, 1.0, 4.0, 64), attention_chunk_size=8,
       floor_scale=4, attn_scale=0.1, max_position_embeddings=512,
-      bos_token_id=1, eos_token_id=(2,), pad_token_id=0)
-  return Config(text=text)
+      bos_token_id=256, eos_token_id=(257,), pad_token_id=258)
+  return Config(text=text, boi_token_index=262, eoi_token_index=263, image_token_index=267)
 
 
 def tiny_vision() -> VisionConfig:
@@ -49,10 +51,5 @@ def tiny_vision() -> VisionConfig:
 
 
 def tiny_multimodal() -> Config:
-  """`tiny()` with `tiny_vision()`, and token ids of the training byte tokenizer with image tokens
-  (train/tokenizer.py): bytes, 6 text specials (bos 256, eos 257, pad 258), image start 262,
-  end 263 and patch 267."""
-  text = dataclasses.replace(tiny().text, vocab_size=272, bos_token_id=256, eos_token_id=(257,),
-                             pad_token_id=258)
-  return Config(text=text, vision=tiny_vision(), boi_token_index=262, eoi_token_index=263,
-                image_token_index=267)
+  """`tiny()` with `tiny_vision()`."""
+  return dataclasses.replace(tiny(), vision=tiny_vision())

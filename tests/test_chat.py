@@ -9,11 +9,10 @@ from train import chat, tokenizer as tokenizer_lib
 from train.config import DataConfig
 
 TOK = tokenizer_lib.byte_tokenizer()
-BEGIN, HS, HE, EOT = (tokenizer_lib.special_id(TOK, t) for t in
-                      ("<|begin_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>"))
+IDS = tokenizer_lib.specials(TOK)
 CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2="},
-         {"role": "assistant", "content": " 4 "}, {"role": "user", "content": "3+3="},
-         {"role": "assistant", "content": "6"}]
+         {"role": "assistant", "content": " 4 "}, {"role": "tool", "content": "ok"},
+         {"role": "user", "content": "3+3="}, {"role": "assistant", "content": "6"}]
 
 
 def _bytes(s: str) -> list[int]:
@@ -24,15 +23,25 @@ def _bytes(s: str) -> list[int]:
 
 def test_llama4_chat_format_and_assistant_only_loss():
   row = chat.Renderer(TOK, 256)(CONVO)
-  want, mask = [BEGIN], [0]
+  want, mask = [IDS.begin], [0]
   for m in CONVO:
-    head = [HS, *_bytes(m["role"]), HE, *_bytes("\n\n")]
-    body = [*_bytes(m["content"].strip()), EOT]
+    role, end = ("ipython", IDS.eom) if m["role"] == "tool" else (m["role"], IDS.eot)
+    head = [IDS.header_start, *_bytes(role), IDS.header_end, *_bytes("\n\n")]
+    body = [*_bytes(m["content"]), end]  # content as written, untrimmed
     want += head + body
     mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body)
   assert row["tokens"].tolist() == want and row["loss_mask"].tolist() == mask
   trained = TOK.decode([t for t, m in zip(want, mask) if m], skip_special_tokens=False)
-  assert trained == "4<|eot|>6<|eot|>"  # the answers and their stop tokens, nothing else
+  assert trained == " 4 <|eot|>6<|eot|>"  # the answers and their stop tokens, nothing else
+  prompt = chat.Renderer(TOK, 256).prompt(CONVO[:2])
+  assert TOK.decode(prompt, skip_special_tokens=False) == (
+      "<|begin_of_text|><|header_start|>system<|header_end|>\n\nBe brief.<|eot|>"
+      "<|header_start|>user<|header_end|>\n\n2+2=<|eot|><|header_start|>assistant<|header_end|>\n\n")
+
+
+def test_a_conversation_longer_than_seq_len_is_named(tmp_path):
+  with pytest.raises(ValueError, match=r"sft.jsonl:3: renders to 51 tokens, more than data.seq_len=40"):
+    chat.Renderer(TOK, 40)(CONVO[:3], "sft.jsonl:3")
 
 
 def test_packed_conversations_keep_segments_and_masks(tmp_path):
@@ -48,7 +57,7 @@ def test_packed_conversations_keep_segments_and_masks(tmp_path):
     assert seg.max() >= 2  # several conversations per row
     for s in range(1, seg.max() + 1):
       idx = np.flatnonzero(seg == s)
-      assert tokens[idx[0]] == BEGIN and pos[idx].tolist() == list(range(len(idx)))
+      assert tokens[idx[0]] == IDS.begin and pos[idx].tolist() == list(range(len(idx)))
       # within each conversation only the assistant answer + <|eot|> is a target
       answer = TOK.decode(tokens[idx][mask[idx] == 1].tolist(), skip_special_tokens=False)
       user = TOK.decode(tokens[idx].tolist(), skip_special_tokens=True)
@@ -77,5 +86,5 @@ def test_embedded_task_as_chat(tmp_path):
   cfg = DataConfig(synthetic=SyntheticConfig(num_examples=20), chat=True)
   (path,) = chat.resolve_paths(cfg, str(tmp_path))
   records = chat.read_records(path)
-  assert len(records) == 20 and [m["role"] for m in records[0]] == ["user", "assistant"]
-  assert records[0][0]["content"].endswith("=") and chat.resolve_paths(cfg, str(tmp_path)) == (path,)
+  assert len(records) == 20 and [m["role"] for m in records[0]["messages"]] == ["user", "assistant"]
+  assert records[0]["messages"][0]["content"].endswith("=") and chat.resolve_paths(cfg, str(tmp_path)) == (path,)

@@ -58,6 +58,11 @@ def test_multimodal_round_trip_is_bit_exact(tmp_path):
   cfg, want = l4.load_hf(tmp_path / "src")
   restored = ocp.StandardCheckpointer().restore((tmp_path / "ckpt" / "params").absolute())
   assert sorted(restored) == sorted(want) and "vision" in restored
+  # both metadata files read back through orbax's public API
+  tree = ocp.StandardCheckpointer().metadata((tmp_path / "ckpt" / "params").absolute()).item_metadata
+  assert tree["projector"].shape == want["projector"].shape
+  step = ocp.metadata.get_step_metadata((tmp_path / "ckpt" / "params").absolute())
+  assert step.item_handlers.endswith("StandardCheckpointHandler") and step.commit_timestamp_nsecs
   jax.tree.map(np.testing.assert_array_equal, restored["vision"], want["vision"])
   np.testing.assert_array_equal(restored["projector"], want["projector"])
   convert.orbax_to_hf(tmp_path / "ckpt", tmp_path / "out", max_shard_bytes=50_000, progress=False)

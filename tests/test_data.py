@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+import llama4_jax as l4
 from train import config as config_lib, data, tasks, tokenizer as tokenizer_lib
 
 TOK = tokenizer_lib.byte_tokenizer()
@@ -22,7 +23,15 @@ def test_byte_tokenizer_round_trips_and_has_llama4_specials():
   ids = TOK.encode("12+7=19 é", add_special_tokens=False).ids
   assert len(ids) == len("12+7=19 é".encode()) and max(ids) < 256
   assert TOK.decode(ids) == "12+7=19 é"
-  assert [TOK.token_to_id(t) for t in tokenizer_lib.SPECIAL] == list(range(256, 262))
+  specials = tokenizer_lib.specials(TOK)
+  assert list(specials[:6]) == list(range(256, 262)) and specials.eom == 268
+  assert list(tokenizer_lib.image_tokens(TOK)) == list(range(262, 268))
+  tiny = l4.presets.tiny()  # the tiny preset uses the byte tokenizer's ids
+  assert (tiny.text.bos_token_id, tiny.text.eos_token_id, tiny.text.pad_token_id) == (
+      specials.begin, (specials.end,), specials.pad)
+  assert (tiny.boi_token_index, tiny.eoi_token_index, tiny.image_token_index) == (
+      262, 263, tokenizer_lib.image_tokens(TOK).patch)
+  assert TOK.get_vocab_size() <= tiny.text.vocab_size
 
 
 def test_packed_rows_keep_documents_apart(tmp_path):
@@ -114,5 +123,5 @@ def test_tokenizer_json_path_gives_the_same_rows(tmp_path):
   b = next(iter(data.make_dataset(_cfg(), (path,), tokenizer_lib.load(str(tmp_path / "tokenizer.json")))))
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
-  with pytest.raises(ValueError, match="cannot load tokenizer"):
+  with pytest.raises(ValueError, match="a.jsonl: not a HF tokenizer.json"):
     tokenizer_lib.load(str(tmp_path / "a.jsonl"))

@@ -16,9 +16,9 @@ from train.stages import dpo
 from train.config import OptimConfig
 
 TOK = tokenizer_lib.byte_tokenizer()
-CFG = l4.Config(text=dataclasses.replace(l4.presets.tiny().text, vocab_size=264))  # byte tokenizer
+CFG = l4.presets.tiny()  # the byte tokenizer's ids
 PAIRS = [{"messages": [{"role": "user", "content": f"{a}+{b}="}], "chosen": str(a + b),
-          "rejected": str(a + b + 1 + a % 3)} for a, b in [(1, 2), (30, 4), (7, 7), (12, 40)]]
+          "rejected": str(a + b + 1 + a % 3), "where": f"pair {a}"} for a, b in [(1, 2), (30, 4), (7, 7), (12, 40)]]
 
 
 def _batch():

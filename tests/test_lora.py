@@ -93,7 +93,7 @@ def test_qlora_trains_adapters_only_resumes_and_exports_merged(tmp_path):
   cfg = _recipe(tmp_path, quantize=True, group_size=8)
   model_cfg = cfg.model.build()
   t = loop.build(cfg, model_cfg)
-  batches, _ = t.stage.data(t, tmp_path, tokenizer_lib.for_model(None, model_cfg))
+  batches, _ = t.stage.data(t, tmp_path, tokenizer_lib.for_model(config_lib.DataConfig(), model_cfg))
   state = loop.initial_state(cfg, t)
   frozen0, adapters0 = jax.device_get((state.frozen, state.params))
   losses = []

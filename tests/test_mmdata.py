@@ -11,7 +11,7 @@ from llama4_jax import processor
 from train import config as run_config, mmdata, tasks, tokenizer as tokenizer_lib
 
 VISION = l4.presets.tiny_vision()  # 56 px tiles, 4 tokens per tile
-TOK = tokenizer_lib.byte_tokenizer(image_tokens=True)
+TOK = tokenizer_lib.byte_tokenizer()
 IDS = tokenizer_lib.image_tokens(TOK)
 
 
@@ -74,10 +74,10 @@ def test_bad_records_name_the_file_and_line(tmp_path):
 
 def test_tokenizer_and_model_must_agree_on_the_patch_id():
   model = run_config.ModelConfig(preset="tiny_multimodal", multimodal=True).build()
-  tokenizer_lib.for_model(None, model)  # the preset's ids are the byte tokenizer's
+  tokenizer_lib.for_model(run_config.DataConfig(), model)  # the preset's ids are the byte tokenizer's
   import dataclasses
   with pytest.raises(ValueError, match="tokenizer's <\\|patch\\|> is id 267 but the model's image_token_index is 250"):
-    tokenizer_lib.for_model(None, dataclasses.replace(model, image_token_index=250))
+    tokenizer_lib.for_model(run_config.DataConfig(), dataclasses.replace(model, image_token_index=250))
   with pytest.raises(ValueError, match="model.preset='tiny' has no vision tower"):
     run_config.ModelConfig(preset="tiny", multimodal=True)
 

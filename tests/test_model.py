@@ -116,8 +116,8 @@ def test_bf16_stays_close_to_fp32_where_routing_agrees(params):
 
 
 def test_out_of_vocab_ids_are_rejected(params):
-  with pytest.raises(ValueError, match=r"\[256\] outside the vocabulary \[0, 256\)"):
-    l4.forward(CFG, params, jnp.asarray([[1, 2, 256]]))
+  with pytest.raises(ValueError, match=r"\[272\] outside the vocabulary \[0, 272\)"):
+    l4.forward(CFG, params, jnp.asarray([[1, 2, 272]]))
   with pytest.raises(ValueError, match=r"\[-1\] outside"):
     l4.forward(CFG, params, jnp.asarray([[-1, 2]]))
 

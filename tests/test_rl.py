@@ -16,7 +16,7 @@ from train.stages import rl
 from train.config import DataConfig, RLConfig
 
 TOK = tokenizer_lib.byte_tokenizer()
-CFG = l4.Config(text=dataclasses.replace(l4.presets.tiny().text, vocab_size=264))
+CFG = l4.presets.tiny()  # the byte tokenizer's ids
 RCFG = RLConfig(group_size=4, max_new_tokens=4)
 DCFG = DataConfig(seq_len=36, batch_size=8)
 RECORDS = [rl.check_prompt({"prompt": f"{a}+{b}=", "answer": str(a + b)}, f"r{i}")

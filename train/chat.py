@@ -1,18 +1,19 @@
-"""SFT data: chat records rendered in the Llama 4 chat format, loss on assistant tokens only,
-packed into rows with segment ids.
+"""The Llama 4 chat format (one renderer for SFT, DPO, RL prompts and generation) and SFT data:
+loss on assistant tokens only, conversations packed into rows with segment ids.
 
-A record is `{"messages": [{"role": "system" | "user" | "assistant" | "ipython", "content": str},
-...]}`. Rendered as Llama 4's chat template does:
+A record is `{"messages": [{"role": "system" | "user" | "assistant" | "ipython" | "tool",
+"content": str}, ...]}`, rendered token for token as Meta's `ChatFormat.encode_dialog_prompt`
+(llama_models/llama4/chat_format.py):
 
   <|begin_of_text|><|header_start|>user<|header_end|>\\n\\n{content}<|eot|><|header_start|>assistant...
 
-(content trimmed). `loss_mask` is 1 on each assistant turn's content and its `<|eot|>` (the model
-learns to answer and to stop), 0 on the begin token, every header and every other role's turn.
-Conversations are packed first-fit like pretraining documents; segment ids keep attention inside
-each conversation and the loss follows each row's mask (train/losses.py).
+Content is kept as written (no trimming). A tool result ("ipython", or "tool" as Meta's Role
+names it) has the header `ipython` and ends with `<|eom|>`; every other turn ends with `<|eot|>`.
+`loss_mask` is 1 on each assistant turn's content and its end token (the model learns to answer
+and to stop), 0 on the begin token, every header and every other role's turn. A conversation
+longer than `data.seq_len` is an error naming its file:line, never silently cut.
 """
 import json
-import warnings
 from pathlib import Path
 
 import grain
@@ -21,7 +22,7 @@ import numpy as np
 from train import data, tokenizer as tokenizer_lib
 from train.config import DataConfig
 
-ROLES = ("system", "user", "assistant", "ipython")
+ROLES = ("system", "user", "assistant", "ipython", "tool")
 
 
 def check_record(record, where: str) -> list[dict]:
@@ -47,51 +48,55 @@ def prompt_messages(prompt, where: str) -> list:
   return prompt
 
 
-def read_records(path: str) -> list[list[dict]]:
-  return data.read_jsonl(path, check_record)
+def read_records(path: str) -> list[dict]:
+  """{"messages", "where"} per line of `path`, checked."""
+  return data.read_jsonl(path, lambda r, where: {"messages": check_record(r, where), "where": where})
 
 
 class Renderer:
-  """messages -> {"tokens", "loss_mask"} int32 [<= seq_len]."""
+  """messages -> {"tokens", "loss_mask"} int32 [<= seq_len], in Meta's chat format."""
 
   def __init__(self, tok, seq_len: int):
-    self.tok, self.seq_len, self.warned = tok, seq_len, False
-    self.begin, self.header_start, self.header_end, self.eot = (
-        tokenizer_lib.special_id(tok, t) for t in
-        ("<|begin_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>"))
+    self.tok, self.seq_len, self.ids = tok, seq_len, tokenizer_lib.specials(tok)
+    self.eot = self.ids.eot
 
   def _encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids
 
-  def prompt(self, messages: list[dict]) -> list[int]:
-    """The conversation followed by an open assistant header: what a policy continues."""
-    ids = [self.begin]
-    for m in messages:
-      ids += [self.header_start, *self._encode(m["role"]), self.header_end, *self._encode("\n\n"),
-              *self._encode(m["content"].strip()), self.eot]
-    return ids + [self.header_start, *self._encode("assistant"), self.header_end,
-                  *self._encode("\n\n")]
+  def header(self, role: str) -> list[int]:
+    return [self.ids.header_start, *self._encode("ipython" if role == "tool" else role),
+            self.ids.header_end, *self._encode("\n\n")]
 
-  def __call__(self, messages: list[dict]) -> dict:
-    ids, mask = [self.begin], [0]
+  def turn(self, message: dict) -> list[int]:
+    """A message's content and end token (`<|eom|>` for a tool result, else `<|eot|>`)."""
+    end = self.ids.eom if message["role"] in ("ipython", "tool") else self.ids.eot
+    return [*self._encode(message["content"]), end]
+
+  def prompt(self, messages: list[dict]) -> list[int]:
+    """The conversation followed by an open assistant header: what a policy continues
+    (`encode_dialog_prompt`)."""
+    return [self.ids.begin, *(t for m in messages for t in self.header(m["role"]) + self.turn(m)),
+            *self.header("assistant")]
+
+  def __call__(self, messages: list[dict], where: str = "a conversation") -> dict:
+    ids, mask = [self.ids.begin], [0]
     for m in messages:
-      header = [self.header_start, *self._encode(m["role"]), self.header_end, *self._encode("\n\n")]
-      body = [*self._encode(m["content"].strip()), self.eot]
-      ids += header + body
-      mask += [0] * len(header) + [int(m["role"] == "assistant")] * len(body)
-    if len(ids) > self.seq_len and not self.warned:
-      self.warned = True
-      warnings.warn(f"a conversation of {len(ids)} tokens is cut to data.seq_len={self.seq_len}; "
-                    f"its end is not trained on", stacklevel=2)
-    return {"tokens": np.asarray(ids[:self.seq_len], np.int32),
-            "loss_mask": np.asarray(mask[:self.seq_len], np.int32)}
+      head, body = self.header(m["role"]), self.turn(m)
+      ids += head + body
+      mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body)
+    if len(ids) > self.seq_len:
+      raise ValueError(f"{where}: renders to {len(ids)} tokens, more than data.seq_len="
+                       f"{self.seq_len}")
+    return {"tokens": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
 
 
 def make_dataset(cfg: DataConfig, paths: tuple[str, ...], tok, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
   """Batches of this host's packed rows: tokens, segment_ids, positions, loss_mask."""
   sources = [grain.MapDataset.source(read_records(p)) for p in paths]
-  return data.packed_batches(cfg, sources, Renderer(tok, cfg.seq_len), ("tokens", "loss_mask"),
+  render = Renderer(tok, cfg.seq_len)
+  return data.packed_batches(cfg, sources, lambda r: render(r["messages"], r["where"]),
+                             ("tokens", "loss_mask"),
                              process_index, process_count)
 
 

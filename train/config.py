@@ -86,7 +86,10 @@ class DataConfig:
   paths: tuple[str, ...] = ()               # .jsonl / .parquet / .arrayrecord files (field "text")
   weights: tuple[float, ...] = ()           # mixture weights, one per path (default: equal)
   synthetic: SyntheticConfig | None = None  # use the embedded task instead of `paths`
-  tokenizer: str | None = None              # tokenizer.json path; None: the built-in byte tokenizer
+  tokenizer: str | None = None              # Meta's tokenizer.model or a HF tokenizer.json (or a
+                                            #   directory with one); None: the byte tokenizer
+  special_tokens_in_text: bool = False      # text spelling a special token ("<|eot|>") is that
+                                            #   control token, not plain text (Meta's default)
   seq_len: int = 128
   batch_size: int = 16                      # global batch, in packed rows
   seed: int = 0

@@ -16,6 +16,7 @@ orbax-to-hf also reads a training checkpoint, `WORKDIR/checkpoints/STEP` (params
 optimizer state is not read). Output appears under its final name only once complete.
 """
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 import jax
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import tensorstore as ts
 from safetensors import safe_open
 from tqdm import tqdm
@@ -33,8 +35,6 @@ from llama4_jax import config as config_lib, convert, hf_io
 from train import cli
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
-ORBAX_HANDLER = ("orbax.checkpoint._src.handlers.standard_checkpoint_handler."
-                 "StandardCheckpointHandler")
 
 
 def leaf_shapes(cfg: l4.Config, dtype) -> dict[tuple, jax.ShapeDtypeStruct]:
@@ -63,7 +63,9 @@ def _create(path: Path, shape: tuple, dtype, row_chunks: bool) -> ts.TensorStore
 
 
 def _write_orbax_metadata(item: Path, leaves: dict[tuple, jax.ShapeDtypeStruct]) -> None:
-  """What orbax's StandardCheckpointHandler (zarr, no OCDBT) reads besides the arrays."""
+  """What orbax's StandardCheckpointer reads besides the arrays. The step metadata goes through
+  orbax's public metadata API; orbax 0.12 exports no writer for the tree metadata (`_METADATA`),
+  so that one is its JSON format (zarr arrays, no OCDBT), read back by orbax in the tests."""
   tree = {str(tuple(str(p) for p in path)): {
       "key_metadata": [{"key": str(p), "key_type": 1 if isinstance(p, int) else 2} for p in path],
       "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
@@ -71,10 +73,13 @@ def _write_orbax_metadata(item: Path, leaves: dict[tuple, jax.ShapeDtypeStruct])
   (item / "_METADATA").write_text(json.dumps({
       "tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
       "store_array_data_equal_to_fill_value": True, "custom_metadata": None}))
-  now = time.time_ns()
-  (item / "_CHECKPOINT_METADATA").write_text(json.dumps({
-      "item_handlers": ORBAX_HANDLER, "metrics": {}, "performance_metrics": {},
-      "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now, "custom_metadata": {}}))
+  handler, now = ocp.StandardCheckpointHandler, time.time_ns()
+  step = ocp.metadata.StepMetadata(item_handlers=f"{handler.__module__}.{handler.__qualname__}",
+                                   init_timestamp_nsecs=now, commit_timestamp_nsecs=now)
+  store = ocp.metadata.metadata_store(enable_write=True, blocking_write=True)
+  store.write(item / "_CHECKPOINT_METADATA",
+              {k: v for k, v in dataclasses.asdict(step).items() if k != "performance_metrics"})
+  store.close()
 
 
 def _text_dtype(d: hf_io.HFDir, dtype):

@@ -124,8 +124,7 @@ def source(path: str) -> grain.MapDataset:
 
 
 def tokenize_fn(tok, seq_len: int) -> Callable[[str], dict]:
-  bos = tokenizer_lib.special_id(tok, tokenizer_lib.SPECIAL[0])
-  eos = tokenizer_lib.special_id(tok, tokenizer_lib.SPECIAL[1])
+  bos, eos = tokenizer_lib.specials(tok)[:2]
 
   def fn(text: str) -> dict:
     ids = [bos, *tok.encode(text, add_special_tokens=False).ids, eos]

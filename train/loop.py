@@ -132,7 +132,7 @@ def _precheck(cfg: RunConfig, model_cfg: l4.Config):
   source = cfg.model.init_from_checkpoint
   if source is not None and not Path(source).is_dir():
     raise FileNotFoundError(f"model.init_from_checkpoint={source}: no such directory")
-  tok = tokenizer_lib.for_model(cfg.data.tokenizer, model_cfg)
+  tok = tokenizer_lib.for_model(cfg.data, model_cfg)
   if cfg.data.synthetic is None and cfg.data.synthetic_images is None:
     data.check_paths(cfg.data.paths)
   return tok

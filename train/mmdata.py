@@ -73,8 +73,7 @@ class Encoder:
   def __init__(self, tok, vision: l4.VisionConfig, cfg: DataConfig):
     self.tok, self.vision, self.cfg, self.warned = tok, vision, cfg, False
     self.ids = tokenizer_lib.image_tokens(tok)
-    self.bos, self.eos, self.pad = (tokenizer_lib.special_id(tok, t) for t in
-                                    tokenizer_lib.SPECIAL[:3])
+    self.bos, self.eos, self.pad = tokenizer_lib.specials(tok)[:3]
 
   def _tokens(self, record: dict) -> tuple[list[int], list[tuple[int, int]], list[np.ndarray]]:
     tokens, spans, tiles = [self.bos], [], []

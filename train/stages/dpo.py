@@ -35,7 +35,8 @@ def check_pair(record, where: str) -> dict:
     raise ValueError(f"{where}: chosen and rejected are the same response")
   chat.check_record({"messages": messages + [{"role": "assistant", "content": record["chosen"]}]},
                     where)
-  return {"messages": messages, "chosen": record["chosen"], "rejected": record["rejected"]}
+  return {"messages": messages, "chosen": record["chosen"], "rejected": record["rejected"],
+          "where": where}
 
 
 def read_pairs(path: str) -> list[dict]:
@@ -46,10 +47,9 @@ def encode_pair(render: chat.Renderer, pair: dict) -> dict:
   """{chosen,rejected}_{tokens,mask} int32 [seq_len] (padded with 0, mask 0 on padding)."""
   out = {}
   for k in ("chosen", "rejected"):
-    row = render(pair["messages"] + [{"role": "assistant", "content": pair[k]}])
+    row = render(pair["messages"] + [{"role": "assistant", "content": pair[k]}],
+                 f"{pair['where']} ({k})")
     n = len(row["tokens"])
-    if not row["loss_mask"].any():
-      raise ValueError(f"the {k} response is cut off entirely by data.seq_len={render.seq_len}")
     out[f"{k}_tokens"] = np.pad(row["tokens"], (0, render.seq_len - n))
     out[f"{k}_mask"] = np.pad(row["loss_mask"], (0, render.seq_len - n))
   return out
@@ -188,7 +188,7 @@ class Stage:
     p(rejected)), and the DPO margin against the starting policy and its sign; on held-out
     pairs, the preference accuracy."""
     c, model_cfg = self.cfg, self.cfg.model.build()
-    tok = tokenizer_lib.load(c.data.tokenizer)
+    tok = tokenizer_lib.for_model(c.data, model_cfg)
 
     def logps(data_cfg, p):
       pairs = [x for path in resolve_pairs(data_cfg, c.workdir) for x in read_pairs(path)]

@@ -78,7 +78,7 @@ class Stage:
   def measure(self, params, examples: int = 128, start=None) -> dict:
     """Next-token loss (SFT: on the assistant's tokens) on held-out rows of the stage's length."""
     model_cfg, batch = self.cfg.model.build(), self.cfg.data.batch_size
-    tok = tokenizer_lib.load(self.cfg.data.tokenizer, model_cfg.vision is not None)
+    tok = tokenizer_lib.for_model(self.cfg.data, model_cfg)
     it = iter(_dataset(held_out(self.cfg.data), model_cfg, tok, self.cfg.workdir))
     loss_fn = jax.jit(make_loss(model_cfg, jnp.float32, False, 0.0, 0.0))
     total = count = 0.0

@@ -303,8 +303,9 @@ class Stage:
     held-out prompts."""
     c = self.cfg
     own = read_prompts(c.data, c.workdir)[:examples]
-    r = Rollouts(c.model.build(), c.rl, dataclasses.replace(c.data, batch_size=c.rl.group_size),
-                 own, tokenizer_lib.load(c.data.tokenizer), params)
+    model_cfg = c.model.build()
+    r = Rollouts(model_cfg, c.rl, dataclasses.replace(c.data, batch_size=c.rl.group_size),
+                 own, tokenizer_lib.for_model(c.data, model_cfg), params)
     return {"greedy_reward": r.evaluate(params, own, examples),
             "sampled_reward": r.evaluate(params, own, examples, c.rl.temperature,
                                          jax.random.key(c.seed)),
