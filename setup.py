@@ -42,6 +42,10 @@ setup(
             "pytest-xdist>=3.6,<4",
             "torch==2.13.0",
             "transformers==5.23.0",
+            # Meta's own Llama 4 code (tokenizer, chat format, Transformer): a second reference;
+            # its model-parallel layers come from fairscale (world size 1 in the tests)
+            "llama-models==0.3.0",
+            "fairscale==0.4.13",
         ],
     },
 )

@@ -90,6 +90,29 @@ class Renderer:
     return {"tokens": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
 
 
+# The same format as a HF chat template (transformers' `apply_chat_template`). HF tokenizes the
+# rendered string, so a content that starts with a newline merges with the header's "\\n\\n" and
+# special-token text in content becomes the control token; `Renderer` follows Meta in both.
+HF_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for m in messages %}"
+    "{%- set role = 'ipython' if m['role'] in ['tool', 'ipython'] else m['role'] %}"
+    "{{- '<|header_start|>' + role + '<|header_end|>\\n\\n' + m['content'] }}"
+    "{{- '<|eom|>' if role == 'ipython' else '<|eot|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|header_start|>assistant<|header_end|>\\n\\n' }}{%- endif %}")
+
+
+def save_tokenizer(tok, out_dir: Path) -> None:
+  """`tok` as HF files (tokenizer.json, tokenizer_config.json with the chat template) that
+  `transformers.AutoTokenizer.from_pretrained(out_dir)` loads."""
+  names = tokenizer_lib.NAMES
+  tok.save(str(out_dir / "tokenizer.json"))
+  (out_dir / "tokenizer_config.json").write_text(json.dumps({
+      "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names.begin,
+      "eos_token": names.eot, "pad_token": names.pad, "chat_template": HF_CHAT_TEMPLATE,
+      "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]},
+      indent=2))
+
+
 def make_dataset(cfg: DataConfig, paths: tuple[str, ...], tok, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
   """Batches of this host's packed rows: tokens, segment_ids, positions, loss_mask."""

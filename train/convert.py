@@ -1,6 +1,8 @@
 """`llama4-convert hf-to-orbax HF_DIR CKPT_DIR [--dtype bf16]` and
 `llama4-convert orbax-to-hf CKPT HF_DIR`: streaming conversion for models larger than RAM;
-`llama4-convert merge-lora WORKDIR/checkpoints/STEP CKPT_DIR`: LoRA adapters merged into the base.
+`llama4-convert merge-lora WORKDIR/checkpoints/STEP CKPT_DIR`: LoRA adapters merged into the base;
+`llama4-convert tokenizer TOKENIZER OUT_DIR`: Meta's tokenizer.model (or a tokenizer.json) as HF
+tokenizer files with the Llama 4 chat template.
 
 One HF tensor, or one layer's row of a stacked (scanned) array, is in memory at a time: stacked
 arrays are zarr arrays chunked by layer row and written/read row by row with tensorstore, and HF
@@ -14,6 +16,8 @@ CKPT_DIR (hf-to-orbax's output):
                    `model.init_from_checkpoint: CKPT_DIR` in a recipe
 orbax-to-hf also reads a training checkpoint, `WORKDIR/checkpoints/STEP` (params only; the
 optimizer state is not read). Output appears under its final name only once complete.
+Tokenizer files travel with the model: hf-to-orbax keeps the HF directory's, orbax-to-hf writes
+them back, or, for a training step, writes the run's `data.tokenizer` (none for the byte tokenizer).
 """
 import argparse
 import dataclasses
@@ -32,7 +36,7 @@ from tqdm import tqdm
 
 import llama4_jax as l4
 from llama4_jax import config as config_lib, convert, hf_io
-from train import cli
+from train import chat, cli, tokenizer as tokenizer_lib
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 
@@ -82,6 +86,16 @@ def _write_orbax_metadata(item: Path, leaves: dict[tuple, jax.ShapeDtypeStruct])
   store.close()
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "tokenizer.model", "chat_template.jinja")
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+  for name in HF_TOKENIZER_FILES:
+    if (src / name).is_file():
+      (dst / name).write_bytes((src / name).read_bytes())
+
+
 def _text_dtype(d: hf_io.HFDir, dtype):
   if dtype is not None:
     return np.dtype(dtype)
@@ -119,6 +133,7 @@ def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True,
         bar.update(a.nbytes)
         del a
     _write_orbax_metadata(tmp / "params", leaves)
+    copy_tokenizer(Path(hf_dir), tmp)
     (tmp / "config.json").write_text(json.dumps(d.config, indent=2))
   return out
 
@@ -131,6 +146,7 @@ class _Source:
     if (path / "params" / "_METADATA").is_file() and (path / "config.json").is_file():
       self.hf_config = json.loads((path / "config.json").read_text())
       self.cfg, self.item, self.names = config_lib.from_hf(self.hf_config), path / "params", ""
+      self.tokenizer = path
     elif (path / "state" / "_METADATA").is_file() and (path.parent / "run.json").is_file():
       from train import config as run_config  # the run's recipe says which model it trained
       recipe = json.loads((path.parent / "run.json").read_text())
@@ -140,6 +156,7 @@ class _Source:
             f"{path} is a LoRA run's step (adapters only): merge it into its base first with "
             f"`llama4-convert merge-lora {path} CKPT_DIR`, then convert CKPT_DIR")
       self.hf_config, self.cfg = None, run.model.build()
+      self.tokenizer = run.data.tokenizer and tokenizer_lib.load(run.data.tokenizer)
       self.item, self.names = path / "state", "params."
     else:
       raise hf_io.CheckpointError(
@@ -186,6 +203,10 @@ def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = 
               disable=not progress) as bar:
       hf_io.write_safetensors(tmp, produce, max_shard_bytes, bar.update)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if isinstance(s.tokenizer, Path):
+      copy_tokenizer(s.tokenizer, tmp)
+    elif s.tokenizer:
+      chat.save_tokenizer(s.tokenizer, tmp)
   return out
 
 
@@ -212,7 +233,18 @@ def merge_lora(step_dir, out_dir, dtype=None, overwrite: bool = False) -> Path:
       checkpointer.save((tmp / "params").absolute(), params)
     hf_config = config_lib.to_hf(cfg, dtype=hf_io.DTYPE_NAMES[np.dtype(dtype)])
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if run.data.tokenizer:
+      chat.save_tokenizer(tokenizer_lib.load(run.data.tokenizer), tmp)
   return out
+
+
+def save_tokenizer(src, out_dir, overwrite: bool = False) -> Path:
+  """`llama4-convert tokenizer`: the tokenizer at `src` as HF files in `out_dir`."""
+  tok = tokenizer_lib.load(src)
+  tokenizer_lib.specials(tok)  # a Llama 4 tokenizer: the chat format's tokens are there
+  with hf_io.atomic_dir(Path(out_dir), (src,), overwrite) as tmp:
+    chat.save_tokenizer(tok, tmp)
+  return Path(out_dir)
 
 
 def main(argv=None) -> int:
@@ -226,7 +258,9 @@ def main(argv=None) -> int:
   c = sub.add_parser("merge-lora", help="a LoRA/QLoRA run's WORKDIR/checkpoints/STEP -> CKPT_DIR "
                                          "(base + adapters)")
   c.add_argument("--dtype", choices=sorted(DTYPES), help="default: the run's param_dtype")
-  for p in (a, b, c):
+  d = sub.add_parser("tokenizer", help="Meta's tokenizer.model or a tokenizer.json -> HF "
+                                       "tokenizer files with the chat template")
+  for p in (a, b, c, d):
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--overwrite", action="store_true",
@@ -239,6 +273,8 @@ def main(argv=None) -> int:
   def convert() -> int:
     if args.command == "hf-to-orbax":
       out = hf_to_orbax(args.src, args.dst, DTYPES.get(args.dtype), overwrite=args.overwrite)
+    elif args.command == "tokenizer":
+      out = save_tokenizer(args.src, args.dst, args.overwrite)
     elif args.command == "merge-lora":
       out = merge_lora(args.src, args.dst, DTYPES.get(args.dtype), args.overwrite)
     else:
