@@ -15,9 +15,19 @@ PRESETS = {"tiny": l4.presets.tiny, "tiny_multimodal": l4.presets.tiny_multimoda
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageTokenIds:
+  """The model's image token ids (`model.image_tokens`), as the tokenizer numbers them."""
+  boi_token_index: int
+  eoi_token_index: int
+  image_token_index: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   preset: str = "tiny"                      # a function of llama4_jax.presets: tiny, scout, maverick
   text: dict = dataclasses.field(default_factory=dict)  # TextConfig field overrides
+  image_tokens: dict = dataclasses.field(default_factory=dict)  # boi_token_index, eoi_token_index,
+                                            #   image_token_index (the tokenizer's <|patch|>)
   init_from_hf: str | None = None           # HF directory whose weights start the run
   init_from_checkpoint: str | None = None   # or `llama4-convert hf-to-orbax`'s output (streamed),
                                             #   or a training step WORKDIR/checkpoints/STEP
@@ -57,7 +67,10 @@ class ModelConfig:
     tower only when `multimodal`."""
     base = PRESETS[self.preset]()
     text = from_dict(l4.TextConfig, {**shallow_fields(base.text), **self.text}, "model.text")
-    return dataclasses.replace(base, text=text, vision=base.vision if self.multimodal else None)
+    ids = {f.name: getattr(base, f.name) for f in dataclasses.fields(ImageTokenIds)}
+    top = from_dict(ImageTokenIds, ids | self.image_tokens, "model.image_tokens")
+    return dataclasses.replace(base, text=text, vision=base.vision if self.multimodal else None,
+                               **dataclasses.asdict(top))
 
   def frozen(self) -> tuple[str, ...]:
     """Top-level param keys that are not trained."""
