@@ -7,9 +7,16 @@
     l4.save_hf(out, cfg, params)                       # loadable by transformers
     l4.param_count(l4.presets.scout())
 
-Dimension key used in names (x_BTD, w_EDF, ...): B batch, T query sequence, S key sequence,
-D model width, F MLP width, N query heads, K KV heads, H head dim, V vocab, E experts,
-L layers, G layer groups (scan length), N/A tokens/assignments in the MoE, J RoPE frequencies.
+Dimension key, one meaning per letter, for array-name suffixes (x_BTD, gate_EDF) and einsum
+subscripts across llama4_jax/, sharding/ and train/:
+  B batch            T query positions     S key positions      D model width    F FFN width
+  V vocabulary       L layers              J RoPE frequencies   H head dim
+  N query heads      K KV heads            G query heads per KV head (N = K G)   Q G T rows
+  E experts          R token rows entering the MoE (B T)        X routing choices per row
+  A (row, choice) assignments, sorted by expert                 Z devices on the expert axis
+  U blocks of the blocked grouped matmul (b rows each; lower case is a size inside a block)
+  I image tiles      P patches per tile    M image feature rows (placeholders to fill)
+  1 a broadcast axis. A name without a suffix has its shape in its docstring.
 """
 from llama4_jax import presets, processor, vision
 from llama4_jax.config import Config, Llama3Scaling, TextConfig, VisionConfig

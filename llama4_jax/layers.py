@@ -65,17 +65,17 @@ def apply_rope(x_BTNH: jax.Array, angles_BTJ: jax.Array) -> jax.Array:
   return out.reshape(x_BTNH.shape).astype(x_BTNH.dtype)
 
 
-def dense(x_XD: jax.Array, w_DY: jax.Array) -> jax.Array:
+def dense(x_D: jax.Array, w: jax.Array) -> jax.Array:
   """x @ w over any leading axes of x and trailing axes of w, as ONE 2-D matmul.
 
   XLA:CPU runs the weight gradient of a matmul that contracts several axes (e.g. 'BTD,BTF->DF')
   several times slower than the same product on flattened [B*T, D] operands.
   """
-  d = w_DY.shape[0]
-  y = x_XD.reshape(-1, d) @ w_DY.reshape(d, -1)
-  return y.reshape(*x_XD.shape[:-1], *w_DY.shape[1:])
+  d = w.shape[0]
+  y = x_D.reshape(-1, d) @ w.reshape(d, -1)
+  return y.reshape(*x_D.shape[:-1], *w.shape[1:])
 
 
-def swiglu(x_XD: jax.Array, gate_DF: jax.Array, up_DF: jax.Array, down_FD: jax.Array) -> jax.Array:
+def swiglu(x_D: jax.Array, gate_DF: jax.Array, up_DF: jax.Array, down_FD: jax.Array) -> jax.Array:
   """down(silu(x @ gate) * (x @ up)) over any leading axes of x."""
-  return dense(jax.nn.silu(dense(x_XD, gate_DF)) * dense(x_XD, up_DF), down_FD)
+  return dense(jax.nn.silu(dense(x_D, gate_DF)) * dense(x_D, up_DF), down_FD)

@@ -62,7 +62,7 @@ def _block(p: dict, x: jax.Array, ctx: attention.Context, cfg: TextConfig, slot:
     y = hooks.constrain(y, ACTIVATION_AXES)
     y, r, counts = hooks.moe_fn(p["moe"], y, cfg.num_experts_per_tok)
     y = hooks.constrain(y, ACTIVATION_AXES)
-    aux = {"counts": counts, "logits": r.logits_NE}
+    aux = {"counts": counts, "logits": r.logits_RE}
   else:
     y = layers.swiglu(y, p["mlp"]["gate"], p["mlp"]["up"], p["mlp"]["down"])
   return x + y, aux, kv

@@ -16,17 +16,17 @@ from llama4_jax import layers
 
 
 class Routing(NamedTuple):
-  weights_NK: jax.Array   # sigmoid of the selected logits, in the activation dtype
-  experts_NK: jax.Array   # int32 expert ids
-  logits_NE: jax.Array    # raw router logits, fp32
+  weights_RX: jax.Array   # sigmoid of the selected logits, in the activation dtype
+  experts_RX: jax.Array   # int32 expert ids
+  logits_RE: jax.Array    # raw router logits, fp32
 
 
-def route(x_ND: jax.Array, router_DE: jax.Array, k: int) -> Routing:
+def route(x_RD: jax.Array, router_DE: jax.Array, k: int) -> Routing:
   """Top-k on raw logits; sigmoid of the selected logits only (no softmax, no renormalisation)."""
   # Router logits in fp32: top-k on bf16 logits flips on near-ties.
-  logits = jnp.einsum("ND,DE->NE", x_ND, router_DE, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("RD,DE->RE", x_RD, router_DE, preferred_element_type=jnp.float32)
   top_v, top_i = jax.lax.top_k(logits, k)
-  return Routing(jax.nn.sigmoid(top_v).astype(x_ND.dtype), top_i.astype(jnp.int32), logits)
+  return Routing(jax.nn.sigmoid(top_v).astype(x_RD.dtype), top_i.astype(jnp.int32), logits)
 
 
 def _block_size(rows: int, num_experts: int) -> int:
@@ -35,13 +35,13 @@ def _block_size(rows: int, num_experts: int) -> int:
   return min(512, 1 << (b.bit_length() - 1))
 
 
-def expert_ffn_blocked(x_MD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array,
+def expert_ffn_blocked(x_AD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array,
                        up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
   """SwiGLU experts over rows sorted by expert; blocks of b rows each belong to one expert.
 
   Rows past sum(group_sizes) belong to no expert and give zeros (as with ragged_dot).
   """
-  m, d = x_MD.shape
+  m, d = x_AD.shape
   e = group_sizes_E.shape[0]
   b = _block_size(m, e)
   nblocks = -(-m // b) + e  # sum_e ceil(g_e / b) < m / b + e
@@ -49,43 +49,43 @@ def expert_ffn_blocked(x_MD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.
   ends_E = jnp.cumsum(padded_E)
   group_of_row = jnp.repeat(jnp.arange(e), group_sizes_E, total_repeat_length=m)
   row_in_group = jnp.arange(m) - (jnp.cumsum(group_sizes_E) - group_sizes_E)[group_of_row]
-  dest_M = (ends_E - padded_E)[group_of_row] + row_in_group
-  dest_M = jnp.where(jnp.arange(m) < jnp.sum(group_sizes_E), dest_M, nblocks * b)  # unassigned
-  x_PD = jnp.zeros((nblocks * b, d), x_MD.dtype).at[dest_M].set(x_MD, mode="drop")
+  dest_A = (ends_E - padded_E)[group_of_row] + row_in_group
+  dest_A = jnp.where(jnp.arange(m) < jnp.sum(group_sizes_E), dest_A, nblocks * b)  # unassigned
+  x_padded = jnp.zeros((nblocks * b, d), x_AD.dtype).at[dest_A].set(x_AD, mode="drop")
   # Trailing empty blocks index past the last group; their rows are zero, any expert will do.
   block_expert = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(nblocks) * b, side="right"), e - 1)
-  x_BbD = x_PD.reshape(nblocks, b, d)
-  g = jnp.einsum("XbD,XDF->XbF", x_BbD, gate_EDF[block_expert])
-  u = jnp.einsum("XbD,XDF->XbF", x_BbD, up_EDF[block_expert])
-  y = jnp.einsum("XbF,XFD->XbD", jax.nn.silu(g) * u, down_EFD[block_expert])
-  return y.reshape(nblocks * b, d).at[dest_M].get(mode="fill", fill_value=0)
+  x_UbD = x_padded.reshape(nblocks, b, d)
+  g = jnp.einsum("UbD,UDF->UbF", x_UbD, gate_EDF[block_expert])
+  u = jnp.einsum("UbD,UDF->UbF", x_UbD, up_EDF[block_expert])
+  y = jnp.einsum("UbF,UFD->UbD", jax.nn.silu(g) * u, down_EFD[block_expert])
+  return y.reshape(nblocks * b, d).at[dest_A].get(mode="fill", fill_value=0)
 
 
-def expert_ffn_ragged(x_MD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array,
+def expert_ffn_ragged(x_AD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array,
                       up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
   """The same with `jax.lax.ragged_dot` (native grouped GEMM on GPU/TPU)."""
   gs = group_sizes_E.astype(jnp.int32)
-  g = jax.lax.ragged_dot(x_MD, gate_EDF, gs)
-  u = jax.lax.ragged_dot(x_MD, up_EDF, gs)
+  g = jax.lax.ragged_dot(x_AD, gate_EDF, gs)
+  u = jax.lax.ragged_dot(x_AD, up_EDF, gs)
   return jax.lax.ragged_dot(jax.nn.silu(g) * u, down_EFD, gs)
 
 
-def expert_ffn(x_MD, group_sizes_E, gate_EDF, up_EDF, down_EFD) -> jax.Array:
+def expert_ffn(x_AD, group_sizes_E, gate_EDF, up_EDF, down_EFD) -> jax.Array:
   """SwiGLU experts over rows sorted by expert (rows past sum(group_sizes) give zeros), by the
   default backend's best algorithm. A caller compiling for another target (a TPU topology from a
   CPU host) passes `expert_ffn_ragged` or `expert_ffn_blocked` itself (`sharding.kernels`)."""
   if gate_EDF.shape[0] == 1 and jax.default_backend() == "cpu":
     # one (local) expert: a plain FFN, rows past its group give zeros (no per-block weight copies)
-    y = layers.swiglu(x_MD, gate_EDF[0], up_EDF[0], down_EFD[0])
-    return jnp.where((jnp.arange(x_MD.shape[0]) < group_sizes_E[0])[:, None], y, 0)
+    y = layers.swiglu(x_AD, gate_EDF[0], up_EDF[0], down_EFD[0])
+    return jnp.where((jnp.arange(x_AD.shape[0]) < group_sizes_E[0])[:, None], y, 0)
   fn = expert_ffn_blocked if jax.default_backend() == "cpu" else expert_ffn_ragged
-  return fn(x_MD, group_sizes_E, gate_EDF, up_EDF, down_EFD)
+  return fn(x_AD, group_sizes_E, gate_EDF, up_EDF, down_EFD)
 
 
 ROW_CHUNK = 8192  # routed rows whose expert FFN work is held at once (forward and backward)
 
 
-def routed_experts(x_ND: jax.Array, token_A: jax.Array, weight_A: jax.Array,
+def routed_experts(x_RD: jax.Array, token_A: jax.Array, weight_A: jax.Array,
                    group_sizes_E: jax.Array, p: dict, chunk: int = ROW_CHUNK,
                    ffn: Callable = expert_ffn) -> jax.Array:
   """sum over assignments a of expert(x[token_a] * weight_a), scattered back to the tokens.
@@ -95,30 +95,30 @@ def routed_experts(x_ND: jax.Array, token_A: jax.Array, weight_A: jax.Array,
   zero-weight rows): only one chunk's gathered rows and [rows, F] intermediates are alive at a
   time, forward and backward.
   """
-  a, d = token_A.shape[0], x_ND.shape[1]
-  run = lambda tok, w, sizes: ffn(x_ND[tok] * w[:, None], sizes, p["gate"], p["up"], p["down"])
+  a, d = token_A.shape[0], x_RD.shape[1]
+  run = lambda tok, w, sizes: ffn(x_RD[tok] * w[:, None], sizes, p["gate"], p["up"], p["down"])
   if a <= chunk:
-    return jnp.zeros_like(x_ND).at[token_A].add(run(token_A, weight_A, group_sizes_E))
+    return jnp.zeros_like(x_RD).at[token_A].add(run(token_A, weight_A, group_sizes_E))
   # Pad to whole chunks: padded rows lie past sum(group_sizes), so they give zeros.
   token_A, weight_A = (jnp.pad(v, (0, -a % chunk)) for v in (token_A, weight_A))
   ends_E = jnp.cumsum(group_sizes_E)
-  starts_C = jnp.arange(token_A.shape[0] // chunk)[:, None] * chunk
-  clip = lambda v: jnp.clip(v[None, :], starts_C, starts_C + chunk)
-  sizes_CE = clip(ends_E) - clip(ends_E - group_sizes_E)  # each group's rows in each chunk
+  chunk_starts = jnp.arange(token_A.shape[0] // chunk)[:, None] * chunk
+  clip = lambda v: jnp.clip(v[None, :], chunk_starts, chunk_starts + chunk)
+  chunk_sizes = clip(ends_E) - clip(ends_E - group_sizes_E)  # each group's rows in each chunk
   body = jax.checkpoint(lambda _, xs: (None, run(*xs)))
   _, ys = jax.lax.scan(body, None, (token_A.reshape(-1, chunk), weight_A.reshape(-1, chunk),
-                                    sizes_CE))
-  return jnp.zeros_like(x_ND).at[token_A].add(ys.reshape(-1, d))
+                                    chunk_sizes))
+  return jnp.zeros_like(x_RD).at[token_A].add(ys.reshape(-1, d))
 
 
 def sort_by_expert(r: Routing, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(token of each sorted assignment, its routing weight, tokens per expert)."""
-  n, k = r.experts_NK.shape
-  experts_A = r.experts_NK.reshape(-1)
+  n, k = r.experts_RX.shape
+  experts_A = r.experts_RX.reshape(-1)
   order_A = jnp.argsort(experts_A, stable=True)
   token_A = (jnp.arange(n * k, dtype=jnp.int32) // k)[order_A]
   counts_E = jnp.bincount(experts_A, length=num_experts).astype(jnp.int32)
-  return token_A, r.weights_NK.reshape(-1)[order_A], counts_E
+  return token_A, r.weights_RX.reshape(-1)[order_A], counts_E
 
 
 MoeFn = Callable[[dict, jax.Array, int], tuple[jax.Array, Routing, jax.Array]]
@@ -129,10 +129,10 @@ def moe(p: dict, x_BTD: jax.Array, k: int,
   """Shared expert + routed experts (grouped matmul `ffn`). Returns (output, routing, tokens per
   expert)."""
   b, t, d = x_BTD.shape
-  x_ND = x_BTD.reshape(b * t, d)
-  r = route(x_ND, p["router"], k)
+  x_RD = x_BTD.reshape(b * t, d)
+  r = route(x_RD, p["router"], k)
   token_A, weight_A, counts_E = sort_by_expert(r, p["router"].shape[-1])
   # The router score scales the expert *input* (Meta and HF), not its output.
-  routed_ND = routed_experts(x_ND, token_A, weight_A, counts_E, p, ffn=ffn)
-  shared_ND = layers.swiglu(x_ND, p["shared_gate"], p["shared_up"], p["shared_down"])
-  return (shared_ND + routed_ND).reshape(b, t, d), r, counts_E
+  routed_RD = routed_experts(x_RD, token_A, weight_A, counts_E, p, ffn=ffn)
+  shared_RD = layers.swiglu(x_RD, p["shared_gate"], p["shared_up"], p["shared_down"])
+  return (shared_RD + routed_RD).reshape(b, t, d), r, counts_E

@@ -100,11 +100,11 @@ def _resample_axis(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
   return np.moveaxis(np.clip(acc >> precision, 0, 255).astype(np.uint8), 0, axis)
 
 
-def resize(pixels_HWC: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
   """Antialiased bilinear resize of uint8 pixels, bit-equal to torchvision's
   `resize(..., BILINEAR, antialias=True)` on uint8 tensors (HF's resize): width first, then
   height, integer weights of adaptive precision, rounding to uint8 between the passes."""
-  return _resample_axis(_resample_axis(pixels_HWC, width, 1), height, 0)
+  return _resample_axis(_resample_axis(rgb, width, 1), height, 0)
 
 
 def load_image(image) -> Image.Image:
@@ -126,11 +126,11 @@ def load_image(image) -> Image.Image:
   return image.convert("RGB")
 
 
-def _normalize(pixels_HWC: np.ndarray) -> np.ndarray:
+def _normalize(rgb: np.ndarray) -> np.ndarray:
   """uint8 -> [-1, 1] in bf16 with HF's rounding: x * (1/255) rounded to bf16, then (x - 0.5) / 0.5
   rounded to bf16. Returns [C, H, W]."""
   bf16 = ml_dtypes.bfloat16
-  x = (pixels_HWC.astype(np.float32) * np.float32(1 / 255)).astype(bf16)
+  x = (rgb.astype(np.float32) * np.float32(1 / 255)).astype(bf16)
   x = (x.astype(np.float32) - np.float32(0.5)).astype(bf16)
   x = (x.astype(np.float32) / np.float32(0.5)).astype(bf16)
   return x.transpose(2, 0, 1)

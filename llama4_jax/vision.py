@@ -54,50 +54,50 @@ def rope_angles(v: VisionConfig) -> np.ndarray:
   return np.concatenate([angles, np.zeros((1, 2 * half), np.float32)]).astype(np.float32)
 
 
-def patchify(v: VisionConfig, pixels_NCSS: jax.Array) -> jax.Array:
+def patchify(v: VisionConfig, pixels: jax.Array) -> jax.Array:
   """[N, C, S, S] -> [N, P, C*p*p]: torch Unfold's order (channel, row, column in the patch),
   patches row-major."""
-  n, c, h, w = pixels_NCSS.shape
+  n, c, h, w = pixels.shape
   if (c, h, w) != (v.num_channels, v.image_size, v.image_size):
-    raise ValueError(f"pixel_values has shape {tuple(pixels_NCSS.shape)}; expected tiles "
+    raise ValueError(f"pixel_values has shape {tuple(pixels.shape)}; expected tiles "
                      f"[N, {v.num_channels}, {v.image_size}, {v.image_size}] (whole tiles, not "
                      f"patches: see llama4_jax.processor)")
   g, p = v.grid, v.patch_size
-  x = pixels_NCSS.reshape(n, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
+  x = pixels.reshape(n, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
   return x.reshape(n, g * g, c * p * p)
 
 
-def _encoder_layer(p: dict, x_NPD: jax.Array, angles_1PJ: jax.Array, v: VisionConfig):
-  n, s, _ = x_NPD.shape
-  h = layer_norm(x_NPD, p["ln1"])
-  q_NPKH, k_NPKH, v_NPKH = (_bias(layers.dense(h, p[w]), p[f"{w}_bias"]) for w in "qkv")
-  q_NPKH = layers.apply_rope(q_NPKH, angles_1PJ)
-  k_NPKH = layers.apply_rope(k_NPKH, angles_1PJ)
-  scores = jnp.einsum("NQKH,NSKH->NKQS", q_NPKH, k_NPKH) * v.head_dim ** -0.5
-  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x_NPD.dtype)
-  a_NPKH = jnp.einsum("NKQS,NSKH->NQKH", probs, v_NPKH)
-  o_NPD = layers.dense(a_NPKH.reshape(n, s, -1), p["o"].reshape(-1, v.hidden_size))
-  x_NPD = x_NPD + _bias(o_NPD, p["o_bias"])
-  h = gelu(_bias(layers.dense(layer_norm(x_NPD, p["ln2"]), p["fc1"]), p["fc1_bias"]))
-  return x_NPD + _bias(layers.dense(h, p["fc2"]), p["fc2_bias"])
+def _encoder_layer(p: dict, x_IPD: jax.Array, angles_1PJ: jax.Array, v: VisionConfig):
+  n, s, _ = x_IPD.shape
+  h = layer_norm(x_IPD, p["ln1"])
+  q_IPNH, k_IPNH, v_IPNH = (_bias(layers.dense(h, p[w]), p[f"{w}_bias"]) for w in "qkv")
+  q_IPNH = layers.apply_rope(q_IPNH, angles_1PJ)
+  k_IPNH = layers.apply_rope(k_IPNH, angles_1PJ)
+  scores = jnp.einsum("IPNH,ISNH->INPS", q_IPNH, k_IPNH) * v.head_dim ** -0.5
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x_IPD.dtype)
+  a_IPNH = jnp.einsum("INPS,ISNH->IPNH", probs, v_IPNH)
+  o_IPD = layers.dense(a_IPNH.reshape(n, s, -1), p["o"].reshape(-1, v.hidden_size))
+  x_IPD = x_IPD + _bias(o_IPD, p["o_bias"])
+  h = gelu(_bias(layers.dense(layer_norm(x_IPD, p["ln2"]), p["fc1"]), p["fc1_bias"]))
+  return x_IPD + _bias(layers.dense(h, p["fc2"]), p["fc2_bias"])
 
 
-def pixel_shuffle(x_NPD: jax.Array) -> jax.Array:
+def pixel_shuffle(x_IPD: jax.Array) -> jax.Array:
   """Ratio 0.5: each 2x2 block of patches becomes one row of 4x the width, in HF's order."""
-  n, s, d = x_NPD.shape
+  n, s, d = x_IPD.shape
   g = int(round(s ** 0.5))
-  x = x_NPD.reshape(n, g, g // 2, 2 * d).transpose(0, 2, 1, 3)
+  x = x_IPD.reshape(n, g, g // 2, 2 * d).transpose(0, 2, 1, 3)
   x = x.reshape(n, g // 2, g // 2, 4 * d).transpose(0, 2, 1, 3)
   return x.reshape(n, -1, 4 * d)
 
 
-def encode(v: VisionConfig, p: dict, pixels_NCSS: jax.Array, *, remat: bool = False,
+def encode(v: VisionConfig, p: dict, pixels: jax.Array, *, remat: bool = False,
            constrain=layers.unconstrained) -> jax.Array:
   """Tiles [N, C, S, S] -> adapter output [N, P/4, vision_output_dim] (HF `vision_model(...)
   .last_hidden_state`), in the dtype of the params. `constrain` (as `l4.Hooks.constrain`) places
   the stream at every layer: tiles are data-parallel, the width is not split."""
   dtype = p["patch"].dtype
-  x = layers.dense(patchify(v, pixels_NCSS).astype(dtype), p["patch"])
+  x = layers.dense(patchify(v, pixels).astype(dtype), p["patch"])
   cls = jnp.broadcast_to(p["cls"].astype(dtype), (x.shape[0], 1, x.shape[2]))
   x = layer_norm(_bias(jnp.concatenate([x, cls], axis=1), p["pos"]), p["ln_pre"])
   angles = jnp.asarray(rope_angles(v))[None]

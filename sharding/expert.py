@@ -35,12 +35,12 @@ from sharding.rules import RULES
 DISPATCHES = ("all_to_all", "all_gather")
 
 
-def _gather_moe(p: dict, x_ND: jax.Array, r: moe.Routing, ffn) -> jax.Array:
+def _gather_moe(p: dict, x_RD: jax.Array, r: moe.Routing, ffn) -> jax.Array:
   """Routed output of the local tokens, by all-gather + local experts + reduce-scatter."""
-  local_experts, k = p["gate"].shape[0], r.experts_NK.shape[1]
+  local_experts, k = p["gate"].shape[0], r.experts_RX.shape[1]
   first = jax.lax.axis_index("expert") * local_experts
   gather = partial(jax.lax.all_gather, axis_name="expert", axis=0, tiled=True)
-  x_all, w_all, e_all = gather(x_ND), gather(r.weights_NK), gather(r.experts_NK)
+  x_all, w_all, e_all = gather(x_RD), gather(r.weights_RX), gather(r.experts_RX)
   # Assignments to other devices' experts sort last, into a group of their own that is not run.
   local = e_all.reshape(-1) - first
   mine = (local >= 0) & (local < local_experts)
@@ -52,21 +52,21 @@ def _gather_moe(p: dict, x_ND: jax.Array, r: moe.Routing, ffn) -> jax.Array:
   return jax.lax.psum_scatter(partial_out, "expert", scatter_dimension=0, tiled=True)
 
 
-def _pass(p: dict, rows_AD: jax.Array, counts_SE: jax.Array, lo: int, slot: int, ffn,
+def _pass(p: dict, rows_AD: jax.Array, counts_ZE: jax.Array, lo: int, slot: int, ffn,
           ragged: bool) -> jax.Array:
   """Outputs of this device's sorted assignments whose place in their destination's chunk is in
-  [lo, lo + slot) (zeros for the others). counts_SE: every source's assignments per expert."""
-  ep, num_experts = counts_SE.shape
+  [lo, lo + slot) (zeros for the others). counts_ZE: every source's assignments per expert."""
+  ep, num_experts = counts_ZE.shape
   local = num_experts // ep
   me = jax.lax.axis_index("expert")
-  to_dev = _per_device(counts_SE)
+  to_dev = _per_device(counts_ZE)
   mine = to_dev[me]
   starts = jnp.cumsum(mine) - mine
   send = jnp.clip(mine - lo, 0, slot)
   recv = jnp.clip(to_dev[:, me] - lo, 0, slot)
   got = exchange(rows_AD, starts + lo, send, recv, slot, "expert", ragged)  # [ep * slot, D]
   # Each source's chunk is sorted by expert: its counts give each received row's local expert.
-  ends = jnp.cumsum(jax.lax.dynamic_slice_in_dim(counts_SE, me * local, local, axis=1), axis=1)
+  ends = jnp.cumsum(jax.lax.dynamic_slice_in_dim(counts_ZE, me * local, local, axis=1), axis=1)
   place = lo + jnp.arange(slot)
   expert = jnp.sum(ends[:, None, :] <= place[None, :, None], axis=-1)  # [source, slot]
   key = jnp.where(jnp.arange(slot)[None, :] < recv[:, None], expert, local).reshape(-1)
@@ -82,28 +82,28 @@ def _pass(p: dict, rows_AD: jax.Array, counts_SE: jax.Array, lo: int, slot: int,
   return jnp.where(here[:, None], back.at[dest * slot + at].get(mode="fill", fill_value=0), 0)
 
 
-def _per_device(counts_SE: jax.Array) -> jax.Array:
+def _per_device(counts_ZE: jax.Array) -> jax.Array:
   """[source, destination device] assignments, from every source's counts per expert."""
-  ep = counts_SE.shape[0]
-  return counts_SE.reshape(ep, ep, -1).sum(-1)
+  ep = counts_ZE.shape[0]
+  return counts_ZE.reshape(ep, ep, -1).sum(-1)
 
 
-def _a2a_moe(p: dict, x_ND: jax.Array, r: moe.Routing, ffn, capacity: float, ragged: bool,
+def _a2a_moe(p: dict, x_RD: jax.Array, r: moe.Routing, ffn, capacity: float, ragged: bool,
              all_axes: tuple) -> jax.Array:
   """Routed output of the local tokens, by all-to-all dispatch and combine."""
   num_experts = p["router"].shape[-1]
   token_A, weight_A, counts_E = moe.sort_by_expert(r, num_experts)
-  rows_AD = x_ND[token_A] * weight_A[:, None]  # the score scales the expert input
-  counts_SE = jax.lax.all_gather(counts_E, "expert")  # [ep, E] int32: the routing metadata
-  ep, a = counts_SE.shape[0], token_A.shape[0]
+  rows_AD = x_RD[token_A] * weight_A[:, None]  # the score scales the expert input
+  counts_ZE = jax.lax.all_gather(counts_E, "expert")  # [ep, E] int32: the routing metadata
+  ep, a = counts_ZE.shape[0], token_A.shape[0]
   slot = min(a, math.ceil(capacity * a / ep))
-  out = _pass(p, rows_AD, counts_SE, 0, slot, ffn, ragged)
+  out = _pass(p, rows_AD, counts_ZE, 0, slot, ffn, ragged)
   if slot < a:
-    overflow = jnp.max(_per_device(counts_SE)) > slot
+    overflow = jnp.max(_per_device(counts_ZE)) > slot
     overflow = jax.lax.psum(overflow.astype(jnp.int32), all_axes) > 0  # the same on every device
-    second = partial(_pass, p, rows_AD, counts_SE, slot, a - slot, ffn, ragged)
+    second = partial(_pass, p, rows_AD, counts_ZE, slot, a - slot, ffn, ragged)
     out = out + jax.lax.cond(overflow, second, lambda: jnp.zeros_like(rows_AD))
-  return jnp.zeros_like(x_ND).at[token_A].add(out)
+  return jnp.zeros_like(x_RD).at[token_A].add(out)
 
 
 def moe_fn(mesh: Mesh, ffn=moe.expert_ffn, dispatch: str = "all_to_all",
@@ -122,14 +122,14 @@ def moe_fn(mesh: Mesh, ffn=moe.expert_ffn, dispatch: str = "all_to_all",
 
   def body(p: dict, x_BTD: jax.Array, k: int):
     b, t, d = x_BTD.shape
-    x_ND = x_BTD.reshape(b * t, d)
-    r = moe.route(x_ND, p["router"], k)
+    x_RD = x_BTD.reshape(b * t, d)
+    r = moe.route(x_RD, p["router"], k)
     if dispatch == "all_gather":
-      routed = _gather_moe(p, x_ND, r, ffn)
+      routed = _gather_moe(p, x_RD, r, ffn)
     else:
-      routed = _a2a_moe(p, x_ND, r, ffn, capacity, ragged, batch_axes)
-    shared = layers.swiglu(x_ND, p["shared_gate"], p["shared_up"], p["shared_down"])
-    counts = jnp.bincount(r.experts_NK.reshape(-1), length=p["router"].shape[-1])
+      routed = _a2a_moe(p, x_RD, r, ffn, capacity, ragged, batch_axes)
+    shared = layers.swiglu(x_RD, p["shared_gate"], p["shared_up"], p["shared_down"])
+    counts = jnp.bincount(r.experts_RX.reshape(-1), length=p["router"].shape[-1])
     return (shared + routed).reshape(b, t, d), r, jax.lax.psum(counts.astype(jnp.int32),
                                                                 batch_axes)
 

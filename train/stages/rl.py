@@ -59,14 +59,14 @@ def pick(logits_BV: jax.Array, key, temperature: float, top_p: float) -> jax.Arr
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def sample(cfg: l4.Config, params, prompt_BP, prompt_mask_BP, key, max_new: int,
+def sample(cfg: l4.Config, params, prompt_BT, prompt_mask_BP, key, max_new: int,
            temperature: float, top_p: float, stop_id: int):
   """(tokens [B, N], live [B, N]): N new tokens per left-padded prompt; `live` is 1 up to and
   including each row's first `stop_id`."""
-  b, p = prompt_BP.shape
+  b, p = prompt_BT.shape
   dtype = jax.tree.leaves(params)[0].dtype
   cache = l4.init_cache(cfg, b, p + max_new, dtype)
-  logits, cache = l4.extend(cfg, params, cache, prompt_BP, prompt_mask_BP)
+  logits, cache = l4.extend(cfg, params, cache, prompt_BT, prompt_mask_BP)
 
   def step(carry, key):
     cache, last, done = carry
@@ -113,10 +113,10 @@ def make_loss(model_cfg: l4.Config, cfg: RLConfig, compute_dtype=jnp.float32, re
   return loss_fn
 
 
-def advantages(rewards_PG: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def advantages(rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(group-normalised advantages [P, G], kept [P]: groups whose rewards are not all equal)."""
-  std = rewards_PG.std(axis=1, keepdims=True)
-  adv = (rewards_PG - rewards_PG.mean(axis=1, keepdims=True)) / (std + 1e-6)
+  std = rewards.std(axis=1, keepdims=True)
+  adv = (rewards - rewards.mean(axis=1, keepdims=True)) / (std + 1e-6)
   return adv.astype(np.float32), std[:, 0] > 0
 
 
