@@ -18,7 +18,7 @@ import hf_reference as ref
 import llama4_jax as l4
 import sharding
 from test_hf_io import _assert_same_files, _tensors
-from train import config as config_lib, convert, loop, params as params_lib
+from train import chat, config as config_lib, convert, loop, params as params_lib, tokenizer as tokenizer_lib
 from train_util import TINY
 
 
@@ -53,7 +53,9 @@ def test_dtype_conversion_and_transformers_loads_the_export(hf_causal, tmp_path)
 def test_multimodal_round_trip_is_bit_exact(tmp_path):
   mm = ref.multimodal(ref.VARIANTS["mixed"], seed=4)
   mm.save_pretrained(tmp_path / "src")
+  chat.save_tokenizer(tokenizer_lib.byte_tokenizer(), tmp_path / "src")  # travels with the model
   convert.hf_to_orbax(tmp_path / "src", tmp_path / "ckpt", progress=False)
+  assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
   # the vision tower is part of the params checkpoint, restorable by orbax as l4's tree
   cfg, want = l4.load_hf(tmp_path / "src")
   restored = ocp.StandardCheckpointer().restore((tmp_path / "ckpt" / "params").absolute())
@@ -67,6 +69,8 @@ def test_multimodal_round_trip_is_bit_exact(tmp_path):
   np.testing.assert_array_equal(restored["projector"], want["projector"])
   convert.orbax_to_hf(tmp_path / "ckpt", tmp_path / "out", max_shard_bytes=50_000, progress=False)
   _assert_same_files(tmp_path / "src", tmp_path / "out")
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "src" / name).read_bytes()
 
 
 def test_restored_onto_an_expert_sharded_mesh_equals_hf(tmp_path):

@@ -204,3 +204,23 @@ def test_context_parallel_attention_equals_one_device_on_packed_rows(single_devi
                 in_shardings=(sh.param_shardings(CFG, mesh),))(params)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
   assert sh.context.attend_fn(sh.make_mesh(sh.MeshConfig(data=8))) is None
+
+
+def test_rules_report_places_every_parameter_without_devices():
+  """`sharding.report` (and `llama4-plan --rules`): Scout on 256 chips, no device touched."""
+  from sharding import report
+  from train import plan
+  cfg, mesh_shape = l4.presets.scout(), {"fsdp": 16, "expert": 16}
+  rows = report.placements(cfg, mesh_shape, "bfloat16")
+  assert sum(r.total_bytes for r in rows) == 2 * l4.param_count(cfg)
+  assert not report.replicated_above(rows, 2**20)  # every tensor over 1 MiB is split
+  experts = [r for r in rows if "expert" in r.axes]
+  assert experts and all("expert" in r.mesh_axes for r in experts)
+  for r in rows:  # a device holds its shard: total / (product of the spec's mesh axes)
+    split = int(np.prod([mesh_shape[a] for a in r.mesh_axes]))
+    assert r.device_bytes * split == r.total_bytes, r.name
+  one = report.placements(cfg, {}, "bfloat16")
+  assert report.replicated_above(one, 2**30) == [r.name for r in one if r.total_bytes > 2**30]
+  text = plan.rules_report("configs/scout/pretrain.yaml", (), 256)
+  assert text.startswith("mesh: fsdp 16 x expert 16 (256 devices)")
+  assert "replicated on every device and over 1.00 MiB: none" in text

@@ -183,3 +183,8 @@ def test_real_tokenizer_recipes_train(tmp_path, recipe, overrides):
   loop.run(cfg)
   losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert len(losses) == 3 and abs(losses[0] - np.log(202048)) < 0.5 and losses[-1] < losses[0]
+  # the export of a step carries the run's tokenizer, chat template included
+  convert.orbax_to_hf(tmp_path / "checkpoints" / "3", tmp_path / "hf", progress=False)
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  assert hf("Olá", add_special_tokens=False)["input_ids"] == MetaTokenizer.get_instance().encode(
+      "Olá", bos=False, eos=False) and hf.chat_template == chat.HF_CHAT_TEMPLATE

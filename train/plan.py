@@ -1,5 +1,6 @@
 """`llama4-plan CONFIG.yaml (--topology v5p:8x8x4 | --devices N) [--set ...]`: per-device memory,
 FLOPs, collective traffic and a roofline of a recipe's training step on a pod, found on a laptop.
+With `--rules`, only where each parameter lives (sharding/report.py): no compile, no devices.
 
 It builds the recipe's real train step (the same `loop.build` a run uses), lowers and compiles it
 against abstract inputs (nothing is allocated) and reads the compiled program:
@@ -151,6 +152,19 @@ def format_plan(p: dict) -> str:
   return "\n".join(lines)
 
 
+def rules_report(config: str, overrides: tuple[str, ...], devices: int) -> str:
+  """`llama4-plan --rules`: `sharding.report.table` for the recipe's model on its mesh resolved
+  for `devices` devices, params stored as `model.param_dtype`."""
+  import sharding
+  from sharding import report
+  from train import config as config_lib
+  cfg = config_lib.load(config, overrides)
+  mesh_shape = sharding.resolve(cfg.mesh, devices)
+  rows = report.placements(cfg.model.build(), mesh_shape, cfg.model.param_dtype)
+  mesh = " x ".join(f"{a} {n}" for a, n in mesh_shape.items() if n > 1) or "one device"
+  return f"mesh: {mesh} ({devices} devices)\n" + report.table(rows)
+
+
 def main(argv=None) -> int:
   from train import cli
   parser = cli.Parser(prog="llama4-plan", description=__doc__,
@@ -161,6 +175,9 @@ def main(argv=None) -> int:
   target.add_argument("--devices", type=int, help="fake CPU device count (XLA:CPU estimate)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+  parser.add_argument("--rules", action="store_true",
+                      help="only the sharding rules: every parameter's logical axes, PartitionSpec "
+                           "and bytes per device on the recipe's mesh (no compile, no devices)")
   cli.add_debug(parser)
   args = parser.parse_args(argv)
   if args.devices is not None and not 1 <= args.devices <= 65536:
@@ -174,6 +191,9 @@ def main(argv=None) -> int:
                                f" --xla_force_host_platform_device_count={args.devices}")
 
   def run() -> int:
+    if args.rules:
+      print(rules_report(args.config, tuple(args.set), args.devices or chip(args.topology)[1]))
+      return 0
     p = plan(args.config, tuple(args.set), args.topology)
     print(json.dumps(p) if args.json else format_plan(p))
     return 0
