@@ -31,7 +31,8 @@ setup(
     entry_points={"console_scripts": ["llama4-train=train.__main__:main",
                                       "llama4-launch=train.launch:main",
                                       "llama4-plan=train.plan:main",
-                                      "llama4-convert=train.convert:main"]},
+                                      "llama4-convert=train.convert:main",
+                                      "llama4-generate=train.generate:main"]},
     extras_require={
         # libtpu: `llama4-plan --topology` and the TPU compile tests compile for TPU pods on any
         # machine (AOT); CPU runs are unaffected (JAX_PLATFORMS=cpu in the tests and the planner).

@@ -3,7 +3,8 @@
 Every layer keeps a full-length cache and the §1.8 masks are applied on absolute cache indices, so
 chunked layers respect chunk boundaries during decode exactly as HF does (HF keeps only the last
 chunk for those layers; the attention result is the same). Rows share one cache index: prompts are
-left-padded, with `attention_mask` marking the pads.
+left-padded, with `attention_mask` marking the pads. `generate` samples on top of it (greedy or
+temperature / top-p), stopping each row at its first stop token.
 """
 import jax
 import jax.numpy as jnp
@@ -60,3 +61,42 @@ def extend(cfg: Config, params: dict, cache: dict, input_ids: jax.Array, attenti
   # Under jit an overflowing write would be clamped onto the last slots: NaN logits instead.
   logits = jnp.where(offset + n > max_len, jnp.nan, out.logits)
   return logits, new_cache
+
+
+def pick(logits_BV: jax.Array, key, temperature: float, top_p: float) -> jax.Array:
+  """Next tokens [B]: argmax at temperature 0, else sampled from the top-p nucleus."""
+  if temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits = logits_BV.astype(jnp.float32) / temperature
+  if top_p < 1:
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # the first token is always kept
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(cfg: Config, params: dict, prompt_BT, prompt_mask_BT, key, max_new: int,
+             temperature: float = 0.0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
+             pixel_values=None, on_token=None) -> tuple[jax.Array, jax.Array]:
+  """(tokens [B, max_new], live [B, max_new]) after left-padded prompts; `live` is 1 up to and
+  including each row's first token in `stop_ids`. Jit with cfg, max_new, temperature, top_p,
+  stop_ids and on_token static. `on_token(tokens [B], live [B])`, when given, is called on the
+  host after every step, in order (to stream text)."""
+  b, p = prompt_BT.shape
+  cache = init_cache(cfg, b, p + max_new, jax.tree.leaves(params)[0].dtype)
+  logits, cache = extend(cfg, params, cache, prompt_BT, prompt_mask_BT,
+                         pixel_values=pixel_values)
+  stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+
+  def step(carry, key):
+    cache, last, done = carry
+    tok = pick(last, key, temperature, top_p)
+    if on_token is not None:
+      jax.debug.callback(on_token, tok, ~done, ordered=True)
+    logits, cache = extend(cfg, params, cache, tok[:, None])
+    return (cache, logits[:, -1], done | jnp.isin(tok, stops)), (tok, ~done)
+  init = (cache, logits[:, -1], jnp.zeros((b,), bool))
+  _, (toks, live) = jax.lax.scan(step, init, jax.random.split(key, max_new))
+  return toks.T, live.T.astype(jnp.int32)

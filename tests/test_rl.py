@@ -38,7 +38,7 @@ def rollouts(params):
 def test_temperature_zero_sampling_is_greedy_decoding_with_the_full_forward(params):
   ids = np.array([[0, 0, 0, 5, 6, 7], [0, 9, 8, 7, 6, 5]], np.int32)
   mask = (np.arange(6)[None] >= np.array([[3], [1]])).astype(np.int32)  # left padding
-  sample = jax.jit(lambda p, k, t, top_p: rl.sample(CFG, p, ids, mask, k, 5, t, top_p, -1),
+  sample = jax.jit(lambda p, k, t, top_p: l4.decode.generate(CFG, p, ids, mask, k, 5, t, top_p),
                    static_argnums=(2, 3))
   toks, live = (np.asarray(a) for a in sample(params, jax.random.key(1), 0.0, 1.0))
   # greedy: every new token is the argmax of the full forward over everything before it

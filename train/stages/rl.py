@@ -45,39 +45,6 @@ def check_prompt(record, where: str) -> dict:
   return {"messages": messages, "answer": str(record["answer"]), "where": where}
 
 
-def pick(logits_BV: jax.Array, key, temperature: float, top_p: float) -> jax.Array:
-  """Next tokens: argmax at temperature 0, else sampled from the top-p nucleus."""
-  if temperature == 0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits = logits_BV.astype(jnp.float32) / temperature
-  if top_p < 1:
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # the first token is always kept
-    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-def sample(cfg: l4.Config, params, prompt_BT, prompt_mask_BP, key, max_new: int,
-           temperature: float, top_p: float, stop_id: int):
-  """(tokens [B, N], live [B, N]): N new tokens per left-padded prompt; `live` is 1 up to and
-  including each row's first `stop_id`."""
-  b, p = prompt_BT.shape
-  dtype = jax.tree.leaves(params)[0].dtype
-  cache = l4.init_cache(cfg, b, p + max_new, dtype)
-  logits, cache = l4.extend(cfg, params, cache, prompt_BT, prompt_mask_BP)
-
-  def step(carry, key):
-    cache, last, done = carry
-    tok = pick(last, key, temperature, top_p)
-    logits, cache = l4.extend(cfg, params, cache, tok[:, None])
-    return (cache, logits[:, -1], done | (tok == stop_id)), (tok, ~done)
-  init = (cache, logits[:, -1], jnp.zeros((b,), bool))
-  _, (toks, live) = jax.lax.scan(step, init, jax.random.split(key, max_new))
-  return toks.T, live.T.astype(jnp.int32)
-
-
 def token_logps(cfg: l4.Config, params, tokens_BT, mask_BT, remat: bool = False,
                 hooks: l4.Hooks = l4.Hooks()) -> jax.Array:
   """log p(tokens[t] | tokens[<t]) at [B, t] for t >= 1 (column 0 is 0)."""
@@ -88,7 +55,7 @@ def token_logps(cfg: l4.Config, params, tokens_BT, mask_BT, remat: bool = False,
 
 
 # compiled once per model and shape, shared by every Rollouts
-_sample = jax.jit(sample, static_argnums=(0, 5, 6, 7, 8))
+_sample = jax.jit(l4.decode.generate, static_argnums=(0, 5, 6, 7, 8))
 _logps = jax.jit(token_logps, static_argnums=0)
 
 
@@ -114,7 +81,8 @@ def make_loss(model_cfg: l4.Config, cfg: RLConfig, compute_dtype=jnp.float32, re
 
 
 def advantages(rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(group-normalised advantages [P, G], kept [P]: groups whose rewards are not all equal)."""
+  """(group-normalised advantages [prompts, group], kept [prompts]: groups whose rewards are not
+  all equal)."""
   std = rewards.std(axis=1, keepdims=True)
   adv = (rewards - rewards.mean(axis=1, keepdims=True)) / (std + 1e-6)
   return adv.astype(np.float32), std[:, 0] > 0
@@ -167,7 +135,7 @@ class Rollouts:
     ids, mask = np.repeat(ids, g, axis=0), np.repeat(mask, g, axis=0)
     t = self.cfg.temperature if temperature is None else temperature
     toks, live = data.host_value(_sample(self.model_cfg, params, ids, mask, key,
-                                         self.cfg.max_new_tokens, t, self.cfg.top_p, self.stop))
+                                         self.cfg.max_new_tokens, t, self.cfg.top_p, (self.stop,)))
     return ids, mask, toks, live
 
   def text(self, toks, live) -> str:
