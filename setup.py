@@ -32,11 +32,14 @@ setup(
                                       "llama4-launch=train.launch:main",
                                       "llama4-plan=train.plan:main",
                                       "llama4-convert=train.convert:main",
-                                      "llama4-generate=train.generate:main"]},
+                                      "llama4-generate=train.generate:main",
+                                      "llama4-eval=train.harness:main"]},
     extras_require={
         # libtpu: `llama4-plan --topology` and the TPU compile tests compile for TPU pods on any
         # machine (AOT); CPU runs are unaffected (JAX_PLATFORMS=cpu in the tests and the planner).
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # `llama4-eval`: EleutherAI's lm-evaluation-harness with our model class
+        "eval": ["lm-eval==0.4.13"],
         # torch 2.13.0 (CPU) comes from a local wheel; any other pin pulls a multi-GB CUDA build.
         "test": [
             "pytest>=8,<10",
@@ -47,6 +50,7 @@ setup(
             # its model-parallel layers come from fairscale (world size 1 in the tests)
             "llama-models==0.3.0",
             "fairscale==0.4.13",
+            "lm-eval==0.4.13",
         ],
     },
 )

@@ -72,29 +72,34 @@ def encode(record: dict, tok, cfg: l4.Config, where: str) -> tuple[list[int], np
   return list(ids), pixels
 
 
+# compiled once per model, batch shape and sampling settings, shared by every Generator
+_generate = jax.jit(l4.generate, static_argnums=(0, 5, 6, 7, 8, 10))
+
+
 class Generator:
-  """Left-pads prompts into one batch and runs `l4.generate` (compiled once per shape)."""
+  """Left-pads prompts into one batch (to a power-of-two width, so few shapes compile) and runs
+  `l4.generate`."""
 
   def __init__(self, cfg: l4.Config, params, tok, max_new: int, temperature: float, top_p: float):
     self.cfg, self.params, self.tok, self.max_new = cfg, params, tok, max_new
     s = tokenizer_lib.specials(tok)
     self.stops = (s.eot, s.eom, s.end)
-    self.run = jax.jit(l4.generate, static_argnums=(0, 5, 6, 7, 8, 10))
     self.temperature, self.top_p = temperature, top_p
 
   def __call__(self, prompts: list[list[int]], pixels: list, key, on_token=None
                ) -> list[list[int]]:
-    width = max(len(p) for p in prompts)
-    if width + self.max_new > self.cfg.text.max_position_embeddings:
-      raise ValueError(f"a prompt of {width} tokens + --max-new-tokens {self.max_new} exceeds the "
-                       f"model's {self.cfg.text.max_position_embeddings} positions")
+    longest, positions = max(len(p) for p in prompts), self.cfg.text.max_position_embeddings
+    if longest + self.max_new > positions:
+      raise ValueError(f"a prompt of {longest} tokens + --max-new-tokens {self.max_new} exceeds "
+                       f"the model's {positions} positions")
+    width = min(max(16, 1 << (longest - 1).bit_length()), positions - self.max_new)
     ids = np.zeros((len(prompts), width), np.int32)
     mask = np.zeros_like(ids)
     for i, p in enumerate(prompts):
       ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
     tiles = [t for t in pixels if t is not None]
     pv = jnp.asarray(np.concatenate(tiles)) if tiles else None
-    toks, live = self.run(self.cfg, self.params, jnp.asarray(ids), jnp.asarray(mask), key,
+    toks, live = _generate(self.cfg, self.params, jnp.asarray(ids), jnp.asarray(mask), key,
                           self.max_new, self.temperature, self.top_p, self.stops, pv, on_token)
     return [[int(t) for t, l in zip(row, alive) if l and t not in self.stops]
             for row, alive in zip(np.asarray(toks), np.asarray(live))]
