@@ -19,9 +19,9 @@ def sizes(cfg: l4.Config, lcfg: LoraConfig) -> dict:
   base = jax.eval_shape(lambda: l4.init_params(cfg, jax.random.key(0), jnp.bfloat16))
   frozen = jax.eval_shape(lambda b: lora.freeze(b, lcfg), base)
   adapters = jax.eval_shape(lambda: lora.init_adapters(cfg, lcfg, jax.random.key(0)))
-  blocks_bf16, blocks_int4 = lora.nbytes(base["blocks"]), lora.nbytes(frozen["blocks"])
-  return {"bf16": lora.nbytes(base), "qlora_frozen": lora.nbytes(frozen),
-          "blocks_ratio": blocks_int4 / blocks_bf16, "adapters_fp32": lora.nbytes(adapters)}
+  blocks_bf16, blocks_int4 = l4.quant.nbytes(base["blocks"]), l4.quant.nbytes(frozen["blocks"])
+  return {"bf16": l4.quant.nbytes(base), "qlora_frozen": l4.quant.nbytes(frozen),
+          "blocks_ratio": blocks_int4 / blocks_bf16, "adapters_fp32": l4.quant.nbytes(adapters)}
 
 
 def main():

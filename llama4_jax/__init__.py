@@ -18,9 +18,10 @@ subscripts across llama4_jax/, sharding/ and train/:
   I image tiles      P patches per tile    M image feature rows (placeholders to fill)
   1 a broadcast axis. A name without a suffix has its shape in its docstring.
 """
-from llama4_jax import decode, presets, processor, vision
+from llama4_jax import decode, presets, processor, quant, vision
 from llama4_jax.config import Config, Llama3Scaling, TextConfig, VisionConfig
 from llama4_jax.decode import extend, generate, init_cache
+from llama4_jax.quant import quantize
 from llama4_jax.hf_io import CheckpointError, load_hf, save_hf
 from llama4_jax.model import Hooks, Output, apply, forward
 from llama4_jax.params import (BLOCK_MATMULS, ParamSpec, init_params, is_spec, param_axes,
@@ -30,5 +31,5 @@ __all__ = [
     "BLOCK_MATMULS", "CheckpointError", "Config", "Hooks", "Llama3Scaling", "Output", "ParamSpec", "TextConfig", "VisionConfig",
     "apply", "decode", "generate", "is_spec",
     "extend", "forward", "init_cache", "init_params", "load_hf", "param_axes", "param_count",
-    "param_specs", "presets", "processor", "save_hf", "vision",
+    "param_specs", "presets", "processor", "quant", "quantize", "save_hf", "vision",
 ]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama4_jax import attention, flash, layers, moe, vision
+from llama4_jax import attention, flash, layers, moe, quant, vision
 from llama4_jax.config import Config, TextConfig
 
 
@@ -38,12 +38,12 @@ class Hooks(NamedTuple):
     (`llama4_jax.flash.splash` / `gpu_flash`; `sharding.kernels` wraps them for a mesh); None:
     the XLA path.
   weights: one layer's params (as scanned) -> its plain weight arrays, at the start of the layer
-    (inside remat): where adapters are added or quantized weights dequantized (train/lora.py), one
-    layer at a time.
+    (inside remat): where int4 weights are dequantized (the default, `quant.dequantize_layer`:
+    identity on plain arrays) or adapters added (train/lora.py), one layer at a time.
   """
   moe_fn: moe.MoeFn = moe.moe
   constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] = layers.unconstrained
-  weights: Callable[[dict], dict] = lambda p: p
+  weights: Callable[[dict], dict] = quant.dequantize_layer
   attend_fn: Callable | None = None
   flash_fn: Callable | None = None
 

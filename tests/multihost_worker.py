@@ -25,7 +25,7 @@ def main(out: str, num_processes: int, process_id: int, port: int) -> None:
 
   cfg = config_lib.from_dict(config_lib.RunConfig, {
       **TINY, "workdir": "unused", "mesh": {"data": 2, "fsdp": 2, "expert": 2},
-      "model": {**TINY["model"], "text": {**TINY["model"]["text"], "num_local_experts": 8}}})
+      "model": {**TINY["model"], "text": {"num_local_experts": 8}}})
   t = loop.build(cfg, cfg.model.build())
   state = loop.initial_state(cfg, t)
   rng = np.random.RandomState(0)

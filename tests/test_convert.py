@@ -79,7 +79,7 @@ def test_restored_onto_an_expert_sharded_mesh_equals_hf(tmp_path):
   hf = ref.causal_lm(text, seed=5)
   hf.save_pretrained(tmp_path / "hf")
   convert.hf_to_orbax(tmp_path / "hf", tmp_path / "ckpt", progress=False)
-  model = {**TINY["model"], "text": {**TINY["model"]["text"], "num_local_experts": 8},
+  model = {**TINY["model"], "text": {"num_local_experts": 8},
            "init_from_checkpoint": str(tmp_path / "ckpt")}
   cfg = config_lib.from_dict(config_lib.RunConfig, {**TINY, "model": model,
                                                     "mesh": {"fsdp": 2, "expert": 4}})

@@ -78,6 +78,8 @@ def test_jsonl_batch_equals_one_at_a_time_and_the_stream(models, tmp_path, capsy
   convert.hf_to_orbax(src, tmp_path / "ckpt", progress=False)
   assert generate.main([str(tmp_path / "ckpt"), "--prompt", prompts[1], "--max-new-tokens", "6"]) == 0
   assert capsys.readouterr().out.endswith(batch[1]["completion"] + "\n")
+  assert generate.main([src, "--prompt", prompts[1], "--max-new-tokens", "6", "--int4", "8"]) == 0
+  assert capsys.readouterr().out.strip()  # int4 weights generate too (tests/test_quant.py: how close)
 
 
 def test_bad_input_is_one_line(models, tmp_path, capsys):

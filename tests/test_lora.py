@@ -24,8 +24,8 @@ def test_int4_error_is_at_most_half_a_step_and_memory_is_a_quarter_of_bf16():
   key = jax.random.key(0)
   spread = jnp.exp(jax.random.normal(jax.random.key(1), (3, 16, 1)) * 2)  # groups of very different scale
   w = jax.random.normal(key, (3, 16, 128)) * spread
-  q = lora.quantize(w, 32)
-  back = lora.dequantize(q)
+  q = l4.quant.quantize_array(w, 32)
+  back = l4.quant.dequantize(q)
   step = np.repeat(np.asarray(q.scale, np.float32), 32, axis=-1)
   err = np.abs(np.asarray(back) - np.asarray(w))
   assert np.all(err <= step / 2 * (1 + 1e-6)), float(np.max(err / step))
@@ -34,10 +34,10 @@ def test_int4_error_is_at_most_half_a_step_and_memory_is_a_quarter_of_bf16():
   np.testing.assert_array_equal(levels, np.round(levels))  # integer multiples of the scale
   assert levels.min() >= -8 and levels.max() <= 7 and len(np.unique(levels)) == 15
   bf16 = w.size * 2
-  assert q.packed.dtype == jnp.uint8 and lora.nbytes(q) == w.size // 2 + w.size // 32 * 2
-  assert lora.nbytes(lora.quantize(w, 64)) / bf16 == pytest.approx(0.25 + 1 / 64)
+  assert q.packed.dtype == jnp.uint8 and l4.quant.nbytes(q) == w.size // 2 + w.size // 32 * 2
+  assert l4.quant.nbytes(l4.quant.quantize_array(w, 64)) / bf16 == pytest.approx(0.25 + 1 / 64)
   with pytest.raises(ValueError, match="blocks.*cannot be split"):
-    lora.quantize(jnp.ones((4, 24)), 16, "blocks[0]['q']")
+    l4.quant.quantize_array(jnp.ones((4, 24)), 16, "blocks[0]['q']")
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,8 @@ def test_merged_forward_equals_base_plus_adapter_forward(trained_pieces, quantiz
   frozen = jax.jit(lambda b: lora.freeze(b, cfg))(base)
   if quantize:  # every block matrix int4, the rest as it was
     kinds = {type(x) for x in jax.tree.leaves(frozen["blocks"], is_leaf=lambda x: isinstance(
-        x, lora.QTensor))}
-    assert lora.QTensor in kinds and lora.nbytes(frozen) < 0.45 * lora.nbytes(base)
+        x, l4.quant.QTensor))}
+    assert l4.quant.QTensor in kinds and l4.quant.nbytes(frozen) < 0.45 * l4.quant.nbytes(base)
   got = hooked(lora.combine(adapters, frozen, cfg))
   want = plain(jax.jit(lambda a, f: lora.merge(a, f, cfg))(adapters, frozen))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)

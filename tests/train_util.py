@@ -11,8 +11,7 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 
 TINY = {
     "steps": 12, "log_every": 1, "report": False,
-    "model": {"preset": "tiny", "text": {"vocab_size": 264, "bos_token_id": 256,
-                                         "eos_token_id": [257], "pad_token_id": 258}},
+    "model": {"preset": "tiny"},  # the byte tokenizer's ids
     "data": {"synthetic": {"num_examples": 2000, "max_operand": 99}, "seq_len": 32,
              "batch_size": 8, "packing_bins": 4},
     "optim": {"lr": 3e-3, "warmup_steps": 2},

@@ -1,6 +1,6 @@
 """`llama4-generate SRC (--prompt TEXT | --chat MESSAGES.json | --jsonl IN.jsonl --out OUT.jsonl)
-[--image PATH ...] [--tokenizer PATH] [--max-new-tokens N] [--temperature T] [--top-p P]`:
-text from a model.
+[--image PATH ...] [--tokenizer PATH] [--max-new-tokens N] [--temperature T] [--top-p P]
+[--int4 [GROUP]]`: text from a model.
 
 SRC is a HF directory, a converted checkpoint (`llama4-convert hf-to-orbax`'s CKPT_DIR) or a
 training step WORKDIR/checkpoints/STEP (a LoRA run's adapters merged into its base). The tokenizer
@@ -135,7 +135,9 @@ def _bad(where: str):
 
 
 def generate(args) -> int:
-  cfg, params, beside = load(args.src)
+  cfg, params, beside = load(args.src, jnp.bfloat16 if args.int4 else jnp.float32)
+  if args.int4:
+    params = jax.jit(lambda p: l4.quantize(p, args.int4, "--int4"))(params)
   tok = tokenizer_lib.load(args.tokenizer or beside)
   records = _records(args)
   encoded = [encode(r, tok, cfg, r.get("where", "the prompt")) for r in records]
@@ -174,6 +176,9 @@ def main(argv=None) -> int:
   parser.add_argument("--top-p", type=float, default=1.0)
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--int4", type=int, nargs="?", const=64, metavar="GROUP",
+                      help="block matrices as int4 in groups of GROUP (default 64), dequantized "
+                           "one layer at a time")
   cli.add_debug(parser)
   args = parser.parse_args(argv)
   if (args.jsonl is None) != (args.out is None):

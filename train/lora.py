@@ -22,17 +22,9 @@ import numpy as np
 import optax
 
 import llama4_jax as l4
+from llama4_jax.quant import QTensor, dequantize
 from train import optim
 from train.config import LoraConfig, OptimConfig
-
-
-@flax.struct.dataclass
-class QTensor:
-  """A weight in int4: `packed` uint8 [..., n/2] (low nibble = even index, value + 8) and `scale`
-  [..., n/group] (absmax/7 rounded up to bf16): |w - dequantize(q)| <= scale/2 elementwise."""
-  packed: jax.Array
-  scale: jax.Array
-  group: int = flax.struct.field(pytree_node=False)
 
 
 @flax.struct.dataclass
@@ -42,36 +34,6 @@ class Lora:
   a: jax.Array
   b: jax.Array
   scale: float = flax.struct.field(pytree_node=False)
-
-
-def _group(name: str, n: int, group: int) -> int:
-  g = min(group, n)
-  if n % g or g % 2:
-    raise ValueError(f"{name}: last axis {n} cannot be split into int4 groups of {group} (and "
-                     f"pairs of nibbles); set lora.group_size to an even divisor of {n}")
-  return g
-
-
-def quantize(w: jax.Array, group: int, name: str = "weight") -> QTensor:
-  """Symmetric absmax int4 over groups of `group` along the last axis."""
-  n = w.shape[-1]
-  g = _group(name, n, group)
-  x = w.astype(jnp.float32).reshape(*w.shape[:-1], n // g, g)
-  absmax = jnp.max(jnp.abs(x), axis=-1)
-  # rounded *up* into bf16, so |x / scale| <= 7 and nothing clips
-  scale = (absmax / 7 * (1 + 2.0 ** -7)).astype(jnp.bfloat16)
-  scale = jnp.where(absmax > 0, scale, jnp.ones_like(scale))
-  q = jnp.clip(jnp.round(x / scale.astype(jnp.float32)[..., None]), -8, 7)
-  u = (q.reshape(w.shape) + 8).astype(jnp.uint8)
-  return QTensor(u[..., 0::2] | (u[..., 1::2] << 4), scale, g)
-
-
-def dequantize(q: QTensor, dtype=jnp.float32) -> jax.Array:
-  lo, hi = q.packed & 0xF, q.packed >> 4
-  vals = jnp.stack([lo, hi], axis=-1).reshape(*q.packed.shape[:-1], -1).astype(jnp.int32) - 8
-  grouped = vals.reshape(*vals.shape[:-1], -1, q.group).astype(jnp.float32)
-  w = grouped * q.scale.astype(jnp.float32)[..., None]
-  return w.reshape(vals.shape).astype(dtype)
 
 
 def _dense(x, dtype=None):
@@ -137,12 +99,7 @@ def freeze(base: dict, cfg: LoraConfig) -> dict:
   if not cfg.quantize:
     return base
 
-  def leaf(path, w):
-    name = jax.tree_util.keystr(path)
-    if getattr(path[-1], "key", None) in l4.BLOCK_MATMULS:
-      return quantize(w, cfg.group_size, name)
-    return w
-  return {**base, "blocks": jax.tree_util.tree_map_with_path(leaf, base["blocks"])}
+  return l4.quantize(base, cfg.group_size, "lora.group_size")
 
 
 def combine(adapters: dict, frozen: dict, cfg: LoraConfig) -> dict:
@@ -192,10 +149,6 @@ def optimizer(g: OptimConfig, total_steps: int):
   tx = optax.chain(optax.clip_by_global_norm(g.clip_norm),
                    optax.adamw(schedule_fn, g.b1, g.b2, g.eps, weight_decay=g.weight_decay))
   return tx, schedule_fn
-
-
-def nbytes(tree) -> int:
-  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def check_run(cfg) -> None:
