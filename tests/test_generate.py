@@ -30,13 +30,16 @@ def models(tmp_path_factory):
   return out
 
 
-def _greedy_reference(cfg, params, ids, tokens, pixels=None):
-  """What argmax of the full forward gives, one token at a time, for as many tokens."""
+def _greedy_reference(cfg, params, ids, tokens, pixels=None, width=64):
+  """What argmax of the full forward gives, one token at a time, for as many tokens (rows padded
+  on the right to one width: causal, so the last real position is unaffected; one compile)."""
   ids = list(ids)
   for _ in tokens:
-    logits = forward(cfg, params, jnp.asarray([ids]), None,
+    row = np.zeros((1, width), np.int32)
+    row[0, :len(ids)] = ids
+    logits = forward(cfg, params, jnp.asarray(row), None,
                      None if pixels is None else jnp.asarray(pixels))
-    ids.append(int(jnp.argmax(logits[0, -1])))
+    ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
   return ids[len(ids) - len(tokens):]
 
 

@@ -44,8 +44,10 @@ def test_int4_decode_equals_the_int4_forward(params):
   toks, _ = jax.jit(l4.generate, static_argnums=(0, 5))(
       CFG, q, jnp.asarray(prompt), jnp.ones_like(jnp.asarray(prompt)), jax.random.key(0), 6)
   ids = list(prompt[0])
-  for _ in range(6):
-    ids.append(int(jnp.argmax(forward(CFG, q, jnp.asarray([ids]))[0, -1])))
+  for _ in range(6):  # right-padded to one width (causal: one compile)
+    row = np.zeros((1, 16), np.int32)
+    row[0, :len(ids)] = ids
+    ids.append(int(jnp.argmax(forward(CFG, q, jnp.asarray(row))[0, len(ids) - 1])))
   assert np.asarray(toks[0]).tolist() == ids[9:]
 
 

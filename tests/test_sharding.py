@@ -206,11 +206,13 @@ def test_context_parallel_attention_equals_one_device_on_packed_rows(single_devi
   assert sh.context.attend_fn(sh.make_mesh(sh.MeshConfig(data=8))) is None
 
 
-def test_rules_report_places_every_parameter_without_devices():
-  """`sharding.report` (and `llama4-plan --rules`): Scout on 256 chips, no device touched."""
+@pytest.mark.parametrize("name,mesh_shape", [("scout", {"fsdp": 16, "expert": 16}),
+                                             ("maverick", {"data": 2, "fsdp": 8, "expert": 32})])
+def test_rules_report_places_every_parameter_without_devices(name, mesh_shape):
+  """`sharding.report` (and `llama4-plan --rules`): pod meshes, no device touched."""
   from sharding import report
   from train import plan
-  cfg, mesh_shape = l4.presets.scout(), {"fsdp": 16, "expert": 16}
+  cfg = getattr(l4.presets, name)()
   rows = report.placements(cfg, mesh_shape, "bfloat16")
   assert sum(r.total_bytes for r in rows) == 2 * l4.param_count(cfg)
   assert not report.replicated_above(rows, 2**20)  # every tensor over 1 MiB is split
@@ -221,6 +223,16 @@ def test_rules_report_places_every_parameter_without_devices():
     assert r.device_bytes * split == r.total_bytes, r.name
   one = report.placements(cfg, {}, "bfloat16")
   assert report.replicated_above(one, 2**30) == [r.name for r in one if r.total_bytes > 2**30]
-  text = plan.rules_report("configs/scout/pretrain.yaml", (), 256)
-  assert text.startswith("mesh: fsdp 16 x expert 16 (256 devices)")
-  assert "replicated on every device and over 1.00 MiB: none" in text
+  if name == "scout":
+    text = plan.rules_report("configs/scout/pretrain.yaml", (), 256)
+    assert text.startswith("mesh: fsdp 16 x expert 16 (256 devices)")
+    assert "replicated on every device and over 1.00 MiB: none" in text
+
+
+def test_my_mesh_splits_every_large_tensor():
+  """The README's example ("Testing your sharding rules"), verbatim."""
+  from sharding import report
+  rows = report.placements(l4.presets.scout(), {"fsdp": 16, "expert": 16}, "bfloat16")
+  assert not report.replicated_above(rows, 2**20)           # nothing over 1 MiB on every chip
+  assert all("expert" in r.mesh_axes for r in rows if "expert" in r.axes)
+  assert max(r.device_bytes for r in rows) < 256 * 2**20    # the largest shard
