@@ -66,6 +66,7 @@ def test_image_prompt_greedy_equals_the_full_forward(models, tmp_path):
   assert got == _greedy_reference(cfg, params, ids, got, pixels)
 
 
+@pytest.mark.slow
 def test_jsonl_batch_equals_one_at_a_time_and_the_stream(models, tmp_path, capsys):
   prompts = ["1+1=", "a much longer prompt about 123+456=", "x", "hello there, 9*9="]
   (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))

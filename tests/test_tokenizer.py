@@ -171,6 +171,7 @@ def test_a_tokenizer_file_of_the_wrong_kind_is_named(tmp_path, content, msg):
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_real_tokenizer_quickstart_trains_as_sft_and_exports_its_tokenizer(tmp_path):
   """configs/quickstart_llama4_tokenizer.yaml, a few steps, as SFT in Meta's chat format (the
   image-text recipe's rows are checked above; `test_recipes` builds its model)."""

@@ -163,11 +163,12 @@ def generate(args) -> int:
 def main(argv=None) -> int:
   parser = cli.Parser(prog="llama4-generate", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("src", help="HF directory, CKPT_DIR or WORKDIR/checkpoints/STEP")
   what = parser.add_mutually_exclusive_group(required=True)
-  what.add_argument("--prompt", help="raw text (streamed to the terminal)")
-  what.add_argument("--chat", help="a JSON file holding a list of messages")
-  what.add_argument("--jsonl", help="records {prompt | messages, images?}, one per line")
+  for flag, text in (("--prompt", "raw text (streamed to the terminal)"),
+                     ("--chat", "a JSON file holding a list of messages"),
+                     ("--jsonl", "records {prompt | messages, images?}, one per line")):
+    what.add_argument(flag, help=text)
+  parser.add_argument("src", help="HF directory, CKPT_DIR or WORKDIR/checkpoints/STEP")
   parser.add_argument("--out", help="with --jsonl: where the completions go (JSONL)")
   parser.add_argument("--image", action="append", default=[], help="an image for --prompt/--chat")
   parser.add_argument("--tokenizer", help="default: stored with SRC, else the byte tokenizer")
