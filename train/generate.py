@@ -72,6 +72,11 @@ def encode(record: dict, tok, cfg: l4.Config, where: str) -> tuple[list[int], np
   return list(ids), pixels
 
 
+def bucket(n: int) -> int:
+  """The padded length for `n` tokens: a power of two, at least 16, so few shapes compile."""
+  return max(16, 1 << (n - 1).bit_length())
+
+
 # compiled once per model, batch shape and sampling settings, shared by every Generator
 _generate = jax.jit(l4.generate, static_argnums=(0, 5, 6, 7, 8, 10))
 
@@ -92,7 +97,7 @@ class Generator:
     if longest + self.max_new > positions:
       raise ValueError(f"a prompt of {longest} tokens + --max-new-tokens {self.max_new} exceeds "
                        f"the model's {positions} positions")
-    width = min(max(16, 1 << (longest - 1).bit_length()), positions - self.max_new)
+    width = min(bucket(longest), positions - self.max_new)
     ids = np.zeros((len(prompts), width), np.int32)
     mask = np.zeros_like(ids)
     for i, p in enumerate(prompts):

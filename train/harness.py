@@ -24,10 +24,6 @@ import llama4_jax as l4
 from train import generate, losses, tokenizer as tokenizer_lib
 
 
-def _bucket(n: int) -> int:
-  return max(16, 1 << (n - 1).bit_length())
-
-
 @jax.jit
 def _scores(logits_BTV, targets_BT):
   """(log p(target), target is the argmax) at every position."""
@@ -66,7 +62,7 @@ class Llama4JaxLM(LM):
     for start in range(0, len(pairs), self.batch):
       chunk = pairs[start:start + self.batch]
       rows = [(ctx + cont)[-(self.max_length + 1):] for ctx, cont in chunk]
-      width = _bucket(max(len(r) for r in rows) - 1)
+      width = generate.bucket(max(len(r) for r in rows) - 1)
       ids = np.full((self.batch, width + 1), self.ids.pad, np.int32)
       for i, r in enumerate(rows):
         ids[i, :len(r)] = r
