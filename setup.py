@@ -51,6 +51,8 @@ setup(
             "llama-models==0.3.0",
             "fairscale==0.4.13",
             "lm-eval==0.4.13",
+            # writes the FP8 test checkpoint with its own quantizer; transformers reads it
+            "compressed-tensors==0.20.1",
         ],
     },
 )

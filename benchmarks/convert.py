@@ -1,11 +1,14 @@
 """Streaming conversion at scale: peak RSS and throughput of `llama4-convert` both ways on a
-synthetic HF checkpoint of >= 4 GB, and the raw read speed of the same files in the same run.
+synthetic HF checkpoint of >= 4 GB, and the raw read speed of the same files in the same run; then
+the FP8 legs: the checkpoint exported in the FP8 release's layout (`orbax-to-hf --quantize fp8`)
+and read back dequantized (`hf-to-orbax --dtype bf16`) and kept in FP8 (`--keep-fp8`).
 
     python benchmarks/convert.py [--workdir /tmp/convert-bench] [--layers 6]
 
 The checkpoint is a widened tiny Llama 4 (D 1024, 16 experts of width 4096, fp32) written shard by
 shard, never whole in memory. Each conversion runs in its own process; its peak RSS comes from
-getrusage. The bound checked is 1 GiB + 3x the largest single tensor.
+getrusage. The bound checked is 1 GiB + 3x the largest single tensor (of the fp32 checkpoint: the
+fused experts of one layer, which the FP8 legs also hold, per layer, at most).
 """
 import argparse
 import dataclasses
@@ -96,10 +99,13 @@ def main() -> None:
   print(f"synthetic checkpoint: {total / gb:.2f} GB fp32, largest tensor {largest / 2**20:.0f} MiB, "
         f"RSS bound {bound / 2**30:.2f} GiB")
   read_speed = raw_read(root / "hf")
-  t1, rss1 = timed_child("hf-to-orbax", str(root / "hf"), str(root / "ckpt"))
-  t2, rss2 = timed_child("orbax-to-hf", str(root / "ckpt"), str(root / "out"))
-  print(f"raw read of the HF files   : {read_speed / gb:6.2f} GB/s")
-  for label, t, rss in (("hf-to-orbax", t1, rss1), ("orbax-to-hf", t2, rss2)):
+  legs = [("hf-to-orbax", "hf", "ckpt"), ("orbax-to-hf", "ckpt", "out"),
+          ("orbax-to-hf --quantize fp8", "ckpt", "fp8"), ("hf-to-orbax --dtype bf16", "fp8", "deq"),
+          ("hf-to-orbax --keep-fp8", "fp8", "kept")]
+  print(f"raw read of the HF files   : {read_speed / gb:6.2f} GB/s (fp32 sizes below)")
+  for label, src, dst in legs:
+    command, *flags = label.split()
+    t, rss = timed_child(command, str(root / src), str(root / dst), *flags)
     ok = "within" if rss <= bound else "OVER"
     print(f"{label:<27}: {total / t / gb:6.2f} GB/s ({t:5.1f} s), peak RSS {rss / 2**30:.2f} GiB "
           f"({ok} the bound)")

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 
 from llama4_jax.config import Config, TextConfig, VisionConfig
+from llama4_jax.quant import FP8Tensor
 
 MM_PREFIX = "language_model."  # text tensors of the multimodal layout
 
@@ -186,17 +187,26 @@ def expected_hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
   return {name: tuple(a.shape) for name, a in hf.items()}
 
 
+def leaves_from_hf(rule: Rule, x) -> tuple:
+  """`rule.from_hf` of one HF tensor, or of an `FP8Tensor`'s values and scale alike."""
+  if isinstance(x, FP8Tensor):
+    return tuple(FP8Tensor(v, s) for v, s in zip(rule.from_hf(x.values), rule.from_hf(x.scale)))
+  return rule.from_hf(x)
+
+
 def from_hf_tensors(cfg: Config, get: Callable[[str], np.ndarray]) -> dict:
-  """Builds our params tree; `get(name)` returns one HF tensor (already checked to exist)."""
+  """Builds our params tree; `get(name)` returns one HF tensor (already checked to exist), or an
+  `FP8Tensor` for an FP8 expert tensor kept in FP8."""
+  import jax
   params: dict = {}
   rows: dict[tuple, dict[int, np.ndarray]] = {}
   for name, (rule, base, row) in routes(cfg).items():
-    for path, leaf in zip(rule.ours, rule.from_hf(get(name))):
+    for path, leaf in zip(rule.ours, leaves_from_hf(rule, get(name))):
       if row is None:
         _set(params, base + path, leaf)
       else:
         rows.setdefault(base + path, {})[row] = leaf
   for path, by_row in rows.items():
-    _set(params, path, np.stack([by_row[i] for i in range(len(by_row))]))
+    _set(params, path, jax.tree.map(lambda *xs: np.stack(xs), *[by_row[i] for i in range(len(by_row))]))
   params["blocks"] = [params["blocks"][s] for s in range(cfg.text.period)]  # slot dict -> list
   return params

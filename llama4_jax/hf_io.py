@@ -6,6 +6,7 @@ writes into a temporary sibling directory and renames it into place, so a failed
 half-written checkpoint.
 """
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -21,12 +22,14 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from llama4_jax import config as config_lib
-from llama4_jax import convert
+from llama4_jax import convert, fp8
 from llama4_jax.config import Config
+from llama4_jax.quant import FP8Tensor
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16,
+          "F8_E4M3": ml_dtypes.float8_e4m3fn}  # FP8: only where fp8.py's layout has it
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
                np.dtype(np.float16): "float16"}
 
@@ -71,11 +74,19 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     raise CheckpointError(f"{file}: cannot read safetensors ({e})") from e
 
 
-def _check(files: dict[str, Path], expected: dict[str, tuple]) -> dict[str, tuple]:
-  """Every tensor's (dtype, shape), after checking names, shapes and dtypes."""
+def _check(files: dict[str, Path], expected: dict[str, tuple], is_fp8: bool) -> dict[str, tuple]:
+  """Every tensor's (dtype, shape), after checking names, shapes and dtypes. An FP8 directory may
+  hold any 2-D weight in FP8 with its `weight_scale` ([Out, 1] or one value)."""
   headers: dict[str, tuple] = {}
   for file in sorted(set(files.values())):
     headers.update(_header(file))
+  if is_fp8:
+    expected = dict(expected)
+    for name, shape in list(expected.items()):
+      scale = headers.get(name + fp8.SCALE)
+      if len(shape) == 2 and scale is not None and name + fp8.SCALE not in expected:
+        expected[name + fp8.SCALE] = scale[1] if scale[1] in ((shape[0], 1), (1,), ()) else (shape[0], 1)
+  fp8_names = {n for n in expected if n + fp8.SCALE in expected}
   missing = sorted(set(expected) - set(headers))
   if missing:
     raise CheckpointError(f"missing tensor(s): {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -83,11 +94,29 @@ def _check(files: dict[str, Path], expected: dict[str, tuple]) -> dict[str, tupl
   if unexpected:
     raise CheckpointError(f"unexpected tensor(s): {unexpected[:5]}")
   for name, (dtype, shape) in sorted(headers.items()):
-    if dtype not in DTYPES:
-      raise CheckpointError(f"tensor {name} has dtype {dtype}; supported: {sorted(DTYPES)}")
+    allowed = ["F8_E4M3"] if name in fp8_names else sorted(set(DTYPES) - {"F8_E4M3"})
+    if dtype not in allowed:
+      raise CheckpointError(f"tensor {name} has dtype {dtype}; supported: {allowed}")
     if name in expected and shape != expected[name]:
       raise CheckpointError(f"tensor {name} has shape {shape}, expected {expected[name]}")
   return headers
+
+
+@functools.lru_cache(maxsize=8)
+def _offsets(file: Path) -> tuple[int, dict]:
+  with open(file, "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    return 8 + n, json.loads(f.read(n))
+
+
+def _read_raw(file: Path, name: str) -> np.ndarray:
+  """One tensor read straight from its byte range (dtypes safetensors' numpy reader lacks)."""
+  start, header = _offsets(file)
+  entry = header[name]
+  begin, end = entry["data_offsets"]
+  dtype = np.dtype(DTYPES[entry["dtype"]])
+  a = np.fromfile(file, dtype=np.uint8, count=end - begin, offset=start + begin)
+  return a.view(dtype).reshape(entry["shape"])
 
 
 class HFDir(NamedTuple):
@@ -97,6 +126,7 @@ class HFDir(NamedTuple):
   files: dict[str, Path]        # tensor name -> safetensors file
   prefix: str                   # "language_model." for the multimodal layout, else ""
   headers: dict[str, tuple]     # tensor name -> (safetensors dtype, shape)
+  is_fp8: bool                  # the FP8 release's layout (llama4_jax/fp8.py)
 
 
 def inspect(path) -> HFDir:
@@ -104,26 +134,45 @@ def inspect(path) -> HFDir:
   integrity) without reading tensor data; raises CheckpointError naming what is wrong."""
   path = Path(path)
   cfg, d = _read_config(path)
+  try:
+    is_fp8 = fp8.is_fp8(d)
+  except ValueError as e:
+    raise CheckpointError(f"{path / 'config.json'}: {e}") from e
   files = _shard_files(path)
   prefix = convert.layout_prefix(cfg)
-  headers = _check(files, convert.expected_hf_shapes(cfg))
-  return HFDir(cfg, d, files, prefix, headers)
+  expected = convert.expected_hf_shapes(cfg)
+  if is_fp8:
+    expected = fp8.expected(expected, cfg.text.num_local_experts)
+  headers = _check(files, expected, is_fp8)
+  return HFDir(cfg, d, files, prefix, headers, is_fp8)
 
 
-def load_hf(path, dtype=None) -> tuple[Config, dict]:
-  """Reads a HF Llama 4 directory -> (Config, params). dtype None keeps the stored dtype."""
-  cfg, _, files, prefix, _ = inspect(path)
-  handles = {}
-
+def reader(d: HFDir, keep_fp8: bool = False, on_read=None):
+  """`get(name)` for the bf16 layout's tensor names over `d` (FP8 rebuilt, see fp8.reader). Each
+  file is opened per tensor and closed at once, so its pages leave RSS (the streaming converter);
+  `on_read(nbytes)` follows each stored tensor read."""
   def get(name: str) -> np.ndarray:
-    f = files[name]
-    if f not in handles:
-      handles[f] = safe_open(f, framework="numpy")
-    return handles[f].get_tensor(name)
+    if d.headers[name][0] == "F8_E4M3":  # safetensors' numpy reader has no float8
+      a = _read_raw(d.files[name], name)
+    else:
+      with safe_open(d.files[name], framework="numpy") as f:
+        a = f.get_tensor(name)
+    if on_read:
+      on_read(a.nbytes)
+    return a
+  return fp8.reader(get, d.headers, d.cfg.text.num_local_experts, keep_fp8) if d.is_fp8 else get
 
-  params = convert.from_hf_tensors(cfg, get)
+
+def load_hf(path, dtype=None, keep_fp8: bool = False) -> tuple[Config, dict]:
+  """Reads a HF Llama 4 directory (bf16/fp32, or the FP8 release's layout) -> (Config, params).
+  dtype None keeps the stored dtype (FP8 weights dequantize to fp32). With `keep_fp8`, the FP8
+  experts stay `quant.FP8Tensor`s (fp8 values, fp32 scales), dequantized a layer at a time."""
+  d = inspect(path)
+  params = convert.from_hf_tensors(d.cfg, reader(d, keep_fp8))
   cast = (lambda a: jnp.asarray(a)) if dtype is None else (lambda a: jnp.asarray(a, dtype))
-  return cfg, jax.tree.map(cast, params)
+  keep = lambda x: isinstance(x, FP8Tensor)
+  return d.cfg, jax.tree.map(lambda a: jax.tree.map(jnp.asarray, a) if keep(a) else cast(a),
+                             params, is_leaf=keep)
 
 
 def write_safetensors(out: Path, tensors: dict, max_shard_bytes: int, on_bytes=None) -> None:

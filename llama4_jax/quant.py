@@ -1,11 +1,15 @@
-"""On-the-fly int4 weights (the model card's "Scout on one H100"): the block matrices of a params
-tree stored as int4, two per byte with one bf16 scale per group along the last axis, and turned
-back into plain weights one layer at a time inside the layer scan (`dequantize_layer`, the default
-`Hooks.weights`), so a forward or a decode on quantized params holds one layer dequantized at a
-time. QLoRA's frozen base is the same format (train/lora.py).
+"""Quantized weights, turned back into plain weights one layer at a time inside the layer scan
+(`dequantize_layer`, the default `Hooks.weights`): a forward or a decode on quantized params holds
+one layer dequantized at a time.
 
-    q = l4.quantize(params, group_size=64)      # attention, dense MLP, experts: int4
-    logits = l4.forward(cfg, q, ids)           # the embedding, norms, router, LM head stay
+- int4 (the model card's "Scout on one H100"; QLoRA's frozen base, train/lora.py): every block
+  matrix, two values per byte with one bf16 scale per group along the last axis.
+- fp8 (the layout of Meta's FP8 release, llama4_jax/fp8.py): the routed experts only, float8_e4m3fn
+  with one fp32 scale per output channel (absmax / 448, as compressed-tensors computes it).
+
+    q = l4.quantize(params, "int4", group_size=64)  # attention, dense MLP, experts: int4
+    q = l4.quantize(params, "fp8")                  # routed experts: fp8
+    logits = l4.forward(cfg, q, ids)                # the embedding, norms, router, LM head stay
 """
 import flax
 import jax
@@ -47,7 +51,34 @@ def quantize_array(w: jax.Array, group: int, name: str = "weight",
   return QTensor(u[..., 0::2] | (u[..., 1::2] << 4), scale, g)
 
 
-def dequantize(q: QTensor, dtype=jnp.float32) -> jax.Array:
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+EXPERT_MATMULS = ("gate", "up", "down")  # under "moe": the routed experts, [E, In, Out]
+
+
+@flax.struct.dataclass
+class FP8Tensor:
+  """A weight [..., In, Out] as `values` float8_e4m3fn and `scale` fp32 [..., 1, Out]: one scale
+  per output channel (HF's per-row `weight_scale` [Out, 1], transposed as the weight is)."""
+  values: jax.Array
+  scale: jax.Array
+
+
+def quantize_fp8(w) -> FP8Tensor:
+  """compressed-tensors' static per-channel FP8: scale = absmax / 448 over the input axis (a zero
+  row takes fp32's eps), values = w / scale clipped to +-448, rounded to nearest even. A numpy `w`
+  is quantized on the host with numpy's correctly rounded division, bit-exact with
+  compressed-tensors (the converter's path); XLA's CPU division may differ by one ulp."""
+  xp = np if isinstance(w, np.ndarray) else jnp
+  x = w.astype(np.float32)
+  scale = xp.max(xp.abs(x), axis=-2, keepdims=True) / np.float32(FP8_MAX)
+  scale = xp.where(scale == 0, np.finfo(np.float32).eps, scale).astype(np.float32)
+  values = xp.clip(x / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+  return FP8Tensor(values, scale)
+
+
+def dequantize(q: "QTensor | FP8Tensor", dtype=jnp.float32) -> jax.Array:
+  if isinstance(q, FP8Tensor):
+    return (q.values.astype(jnp.float32) * q.scale).astype(dtype)
   lo, hi = q.packed & 0xF, q.packed >> 4
   vals = jnp.stack([lo, hi], axis=-1).reshape(*q.packed.shape[:-1], -1).astype(jnp.int32) - 8
   grouped = vals.reshape(*vals.shape[:-1], -1, q.group).astype(jnp.float32)
@@ -55,19 +86,38 @@ def dequantize(q: QTensor, dtype=jnp.float32) -> jax.Array:
   return w.reshape(vals.shape).astype(dtype)
 
 
-def quantize(params: dict, group_size: int = 64, knob: str = "group_size") -> dict:
-  """`params` with every block matrix (`BLOCK_MATMULS`) an int4 `QTensor`; the rest unchanged."""
+def _keys(path) -> tuple:
+  return tuple(getattr(k, "key", None) for k in path)
+
+
+def quantize(params: dict, kind: str = "int4", group_size: int = 64,
+             knob: str = "group_size") -> dict:
+  """`params` with every block matrix (`BLOCK_MATMULS`) an int4 `QTensor` (kind "int4"), or every
+  routed expert matrix an `FP8Tensor` (kind "fp8"); the rest unchanged."""
   def leaf(path, w):
-    if getattr(path[-1], "key", None) in BLOCK_MATMULS:
+    keys = _keys(path)
+    if kind == "int4" and keys[-1] in BLOCK_MATMULS:
       return quantize_array(w, group_size, jax.tree_util.keystr(path), knob)
+    if kind == "fp8" and keys[-2:-1] == ("moe",) and keys[-1] in EXPERT_MATMULS:
+      return quantize_fp8(w)
     return w
+  if kind not in ("int4", "fp8"):
+    raise ValueError(f"quantize kind {kind!r}: expected 'int4' or 'fp8'")
   return {**params, "blocks": jax.tree_util.tree_map_with_path(leaf, params["blocks"])}
 
 
+def is_quantized(x) -> bool:
+  return isinstance(x, (QTensor, FP8Tensor))
+
+
 def dequantize_layer(p):
-  """One layer's params with `QTensor` leaves as plain weights (bf16, the scales' dtype)."""
-  return jax.tree.map(lambda x: dequantize(x, x.scale.dtype) if isinstance(x, QTensor) else x, p,
-                      is_leaf=lambda x: isinstance(x, QTensor))
+  """One layer's params with quantized leaves as plain weights: int4 in its scales' dtype (bf16),
+  fp8 in the dtype of the layer's plain weights (fp32 params: exactly values * scale)."""
+  plain = [x.dtype for x in jax.tree.leaves(p, is_leaf=is_quantized) if not is_quantized(x)]
+  fp8_dtype = plain[0] if plain else jnp.bfloat16
+  dtype = lambda x: x.scale.dtype if isinstance(x, QTensor) else fp8_dtype
+  return jax.tree.map(lambda x: dequantize(x, dtype(x)) if is_quantized(x) else x, p,
+                      is_leaf=is_quantized)
 
 
 def nbytes(tree) -> int:

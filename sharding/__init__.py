@@ -8,8 +8,8 @@ from sharding.activations import constrain_fn, hooks
 from sharding.mesh import AXES, MeshConfig, make_mesh, resolve
 from sharding.rules import (RULES, batch_sharding, named, one_device, param_shardings,
                             partition_specs, replicated, replicated_like, spec_for,
-                            state_shardings)
+                            state_shardings, tree_shardings)
 
 __all__ = ["AXES", "MeshConfig", "RULES", "batch_sharding", "constrain_fn", "expert", "hooks",
            "kernels", "make_mesh", "report", "named", "one_device", "param_shardings", "partition_specs", "replicated",
-           "replicated_like", "resolve", "spec_for", "state_shardings"]
+           "replicated_like", "resolve", "spec_for", "state_shardings", "tree_shardings"]

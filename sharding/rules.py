@@ -13,6 +13,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import llama4_jax as l4
+from llama4_jax import quant
 
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),
@@ -76,6 +77,24 @@ def param_shardings(cfg: l4.Config, mesh: Mesh) -> dict:
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
                       partition_specs(cfg, dict(mesh.shape)),
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def tree_shardings(tree: dict, cfg: l4.Config, mesh: Mesh) -> dict:
+  """NamedSharding for every array of a params tree whose leaves may be quantized (QLoRA's int4
+  frozen base, FP8 experts): a `QTensor`'s packed/scale arrays and an `FP8Tensor`'s values keep
+  the weight's axes; an FP8 scale's size-1 input axis is not split ("norm": replicated)."""
+  def one(path, x, axes):
+    return named(mesh, jax.tree_util.keystr(path), x.shape, axes)
+
+  def leaf(path, x, axes):
+    if isinstance(x, quant.QTensor):
+      return quant.QTensor(one(path, x.packed, axes), one(path, x.scale, axes), x.group)
+    if isinstance(x, quant.FP8Tensor):
+      return quant.FP8Tensor(one(path, x.values, axes),
+                             one(path, x.scale, (*axes[:-2], "norm", axes[-1])))
+    return one(path, x, axes)
+  return jax.tree_util.tree_map_with_path(leaf, tree, l4.param_axes(cfg),
+                                          is_leaf=quant.is_quantized)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -55,7 +55,36 @@ def test_a_bad_stage_is_named_before_anything_runs(tmp_path):
     ({"stages": [{"name": "a"}], "evals": 3}, r"unknown key\(s\) \['evals'\] in pipeline"),
     ({"stages": [{"name": "a"}], "eval_examples": "many"}, "pipeline.eval_examples: expected int"),
     ("stages", "pipeline: expected a mapping"),
+    ({"stages": [{"name": "a"}], "lm_eval": {"task": "x"}}, r"pipeline.lm_eval: unknown key"),
+    ({"stages": [{"name": "a"}], "lm_eval": {"limit": 3}}, r"pipeline.lm_eval: no tasks"),
 ])
 def test_a_bad_pipeline_section_is_one_error_naming_it(section, culprit):
   with pytest.raises(config_lib.ConfigError, match=culprit):
     pipeline.stages({"pipeline": section})
+
+
+def test_lm_eval_is_a_stage_measure(tmp_path, monkeypatch):
+  rows = [{"prompt": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1)]}
+          for a, b in [(1, 2), (3, 4), (10, 5), (7, 7), (20, 2), (9, 9)]]
+  (tmp_path / "arith.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (tmp_path / "mc.yaml").write_text(
+      f"task: arith_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+      f"    test: {tmp_path}/arith.jsonl\ntest_split: test\ndoc_to_text: '{{{{prompt}}}}'\n"
+      "output_type: multiple_choice\ndoc_to_choice: '{{choices}}'\ndoc_to_target: 0\n"
+      "metric_list:\n  - metric: acc\n")
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  d = _pipeline(tmp_path, [{"name": "pretrain", "steps": 2}])
+  d["pipeline"]["lm_eval"] = {"tasks": ["arith_mc"], "include_path": str(tmp_path), "batch_size": 4}
+  (summary,) = pipeline.run(d)
+  # the measure is what lm-eval's model class says of the stage's final params
+  from train import harness, params, tokenizer as tokenizer_lib
+  cfg = pipeline.stages(d)[0][1]
+  lm = harness.Llama4JaxLM.from_params(cfg.model.build(), params.final_params(cfg),
+                                       tokenizer_lib.for_model(cfg.data, cfg.model.build()))
+  pairs = [([lm.ids.begin, *lm._encode(r["prompt"])], lm._encode(" " + c))
+           for r in rows for c in r["choices"]]
+  scores = [s for s, _ in lm.token_logprobs(pairs)]
+  want = sum(scores[2 * i] > scores[2 * i + 1] for i in range(len(rows))) / len(rows)
+  assert summary["after"]["lm_eval/arith_mc/acc"] == pytest.approx(want)
+  assert 0 <= summary["before"]["lm_eval/arith_mc/acc"] <= 1

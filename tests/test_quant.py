@@ -56,6 +56,6 @@ def test_released_models_int4_memory_without_allocating():
     cfg = dataclasses.replace(getattr(l4.presets, name)(), vision=None)
     init = lambda: l4.init_params(cfg, jax.random.key(0), jnp.bfloat16)
     p = jax.eval_shape(init)
-    q = jax.eval_shape(lambda: l4.quantize(init(), 64))
+    q = jax.eval_shape(lambda: l4.quantize(init(), "int4", 64))
     assert l4.quant.nbytes(p) / 2**30 == pytest.approx(bf16_gib, abs=0.01)
     assert l4.quant.nbytes(q) / 2**30 == pytest.approx(int4_gib, abs=0.01)

@@ -1,5 +1,6 @@
-"""`llama4-convert hf-to-orbax HF_DIR CKPT_DIR [--dtype bf16]` and
-`llama4-convert orbax-to-hf CKPT HF_DIR`: streaming conversion for models larger than RAM;
+"""`llama4-convert hf-to-orbax HF_DIR CKPT_DIR [--dtype bf16] [--keep-fp8]` and
+`llama4-convert orbax-to-hf CKPT HF_DIR [--quantize fp8]`: streaming conversion for models larger
+than RAM, of bf16/fp32 checkpoints and of the FP8 release's layout (llama4_jax/fp8.py);
 `llama4-convert merge-lora WORKDIR/checkpoints/STEP CKPT_DIR`: LoRA adapters merged into the base;
 `llama4-convert tokenizer TOKENIZER OUT_DIR`: Meta's tokenizer.model (or a tokenizer.json) as HF
 tokenizer files with the Llama 4 chat template.
@@ -31,22 +32,26 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
-from safetensors import safe_open
 from tqdm import tqdm
 
 import llama4_jax as l4
-from llama4_jax import config as config_lib, convert, hf_io
+from llama4_jax import config as config_lib, convert, fp8, hf_io
 from train import chat, cli, tokenizer as tokenizer_lib
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 
 
-def leaf_shapes(cfg: l4.Config, dtype) -> dict[tuple, jax.ShapeDtypeStruct]:
-  """Our leaf path (str keys, int list indices) -> abstract array; nothing allocated."""
-  abstract = jax.eval_shape(lambda: l4.init_params(cfg, jax.random.key(0), dtype))
+def _key(k):
+  return getattr(k, "key", getattr(k, "idx", getattr(k, "name", None)))
+
+
+def leaf_shapes(cfg: l4.Config, dtype, keep_fp8: bool = False) -> dict[tuple, jax.ShapeDtypeStruct]:
+  """Our leaf path (str keys, int list indices; an FP8 expert's `values`/`scale`) -> abstract
+  array; nothing allocated."""
+  init = lambda: l4.init_params(cfg, jax.random.key(0), dtype)
+  abstract = jax.eval_shape((lambda: l4.quantize(init(), "fp8")) if keep_fp8 else init)
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-  return {tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path): leaf
-          for path, leaf in flat}
+  return {tuple(_key(k) for k in path): leaf for path, leaf in flat}
 
 
 def _name(path: tuple) -> str:
@@ -55,7 +60,7 @@ def _name(path: tuple) -> str:
 
 def _zarr_dtype(dtype) -> str:
   dtype = np.dtype(dtype)
-  return "bfloat16" if dtype == ml_dtypes.bfloat16 else dtype.str
+  return dtype.name if dtype.kind == "V" else dtype.str  # ml_dtypes (bfloat16, float8_*) by name
 
 
 def _create(path: Path, shape: tuple, dtype, row_chunks: bool) -> ts.TensorStore:
@@ -96,45 +101,50 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
       (dst / name).write_bytes((src / name).read_bytes())
 
 
-def _text_dtype(d: hf_io.HFDir, dtype):
+def _text_dtype(d: hf_io.HFDir, dtype, keep_fp8: bool):
   if dtype is not None:
     return np.dtype(dtype)
-  stored = {d.headers[n][0] for n in d.headers}
+  stored = {dt for n, (dt, _) in d.headers.items() if not (keep_fp8 and "experts." in n)}
   if len(stored) > 1:
-    raise hf_io.CheckpointError(f"tensors are stored in {sorted(stored)}; pass --dtype")
+    raise hf_io.CheckpointError(f"tensors are stored in {sorted(stored)}; pass --dtype"
+                                + (" (with --keep-fp8: the dtype of what is not FP8)" * keep_fp8))
   return np.dtype(hf_io.DTYPES[stored.pop()])
 
 
-def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True,
-                overwrite: bool = False) -> Path:
-  """Streams a HF directory into CKPT_DIR (see the module docstring); returns its path."""
+def hf_to_orbax(hf_dir, out_dir, dtype=None, progress: bool = True, overwrite: bool = False,
+                keep_fp8: bool = False) -> Path:
+  """Streams a HF directory into CKPT_DIR (see the module docstring); returns its path. An FP8
+  directory's experts are dequantized to `dtype`, or kept in FP8 (`keep_fp8`: values + scales)."""
   hf_io.check_output(out_dir, (hf_dir,), overwrite)
   d = hf_io.inspect(hf_dir)  # every problem is found before anything is written
-  dtype = _text_dtype(d, dtype)
+  if keep_fp8 and not d.is_fp8:
+    raise hf_io.CheckpointError(f"--keep-fp8: {hf_dir} is not an FP8 checkpoint "
+                                f"(config.json has no compressed-tensors quantization_config)")
+  dtype = _text_dtype(d, dtype, keep_fp8)
   out = Path(out_dir)
   with hf_io.atomic_dir(out, (hf_dir,), overwrite) as tmp:
-    leaves = leaf_shapes(d.cfg, dtype)
-    stacked = {base + p for rule, base, row in convert.routes(d.cfg).values() if row is not None
-               for p in rule.ours}
-    arrays = {p: _create(tmp / "params" / _name(p), s.shape, dtype, p in stacked)
-              for p, s in leaves.items()}
+    leaves = leaf_shapes(d.cfg, dtype, keep_fp8)
     table = convert.routes(d.cfg)
+    stacked = {base + p for rule, base, row in table.values() if row is not None for p in rule.ours}
+    arrays = {p: _create(tmp / "params" / _name(p), s.shape, s.dtype,
+                         p in stacked or p[:-1] in stacked) for p, s in leaves.items()}
     total = sum(int(np.prod(shape)) * np.dtype(hf_io.DTYPES[dt]).itemsize
                 for dt, shape in d.headers.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-orbax",
               disable=not progress) as bar:
-      for name, file in sorted(d.files.items(), key=lambda kv: (str(kv[1]), kv[0])):
-        with safe_open(file, framework="numpy") as f:  # closed at once: its pages leave RSS
-          a = f.get_tensor(name)
+      get = hf_io.reader(d, keep_fp8, bar.update)
+      for name in sorted(table, key=lambda n: (str(d.files.get(n, "")), n)):  # file by file
         rule, base, row = table[name]
-        for path, leaf in zip(rule.ours, rule.from_hf(a)):
-          target = arrays[base + path] if row is None else arrays[base + path][row]
-          target.write(np.asarray(leaf, dtype)).result()
-        bar.update(a.nbytes)
-        del a
+        for path, leaf in zip(rule.ours, convert.leaves_from_hf(rule, get(name))):
+          parts = ({base + path + (k,): getattr(leaf, k) for k in ("values", "scale")}
+                   if isinstance(leaf, l4.quant.FP8Tensor) else {base + path: leaf})
+          for p, a in parts.items():
+            target = arrays[p] if row is None else arrays[p][row]
+            target.write(np.asarray(a, target.dtype.numpy_dtype)).result()
     _write_orbax_metadata(tmp / "params", leaves)
     copy_tokenizer(Path(hf_dir), tmp)
-    (tmp / "config.json").write_text(json.dumps(d.config, indent=2))
+    config = d.config if keep_fp8 else fp8.without_quantization(d.config)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
   return out
 
 
@@ -143,10 +153,11 @@ class _Source:
 
   def __init__(self, path):
     path = Path(path)
+    self.is_fp8 = False
     if (path / "params" / "_METADATA").is_file() and (path / "config.json").is_file():
       self.hf_config = json.loads((path / "config.json").read_text())
       self.cfg, self.item, self.names = config_lib.from_hf(self.hf_config), path / "params", ""
-      self.tokenizer = path
+      self.tokenizer, self.is_fp8 = path, fp8.is_fp8(self.hf_config)
     elif (path / "state" / "_METADATA").is_file() and (path.parent / "run.json").is_file():
       from train import config as run_config  # the run's recipe says which model it trained
       recipe = json.loads((path.parent / "run.json").read_text())
@@ -178,24 +189,62 @@ class _Source:
 
 
 
-def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = True,
-                overwrite: bool = False) -> Path:
-  """Streams a params checkpoint into a HF directory `from_pretrained` loads."""
-  hf_io.check_output(hf_dir, (src,), overwrite)
-  s = _Source(src)
-  table = convert.routes(s.cfg)
-  produce = {}  # HF name -> (shape, dtype, function reading it)
-  for name, (rule, base, row) in table.items():
-    stores = [s.leaf(base + p) for p in rule.ours]
+def _fp8_experts(s: _Source, name: str, rule, paths: list, row: int, read, shape) -> dict:
+  """The FP8 layout's per-expert weight and scale entries (name -> (shape, dtype, read)) of one
+  fused expert tensor: the layer's row is read (and, from plain weights, quantized on the host)
+  once, when its first piece is written, and dropped after its last."""
+  n = s.cfg.text.num_local_experts
+  pending: dict[str, np.ndarray] = {}
+
+  def piece(hf_name: str) -> np.ndarray:
+    if not pending:
+      if s.is_fp8:
+        q = l4.quant.FP8Tensor(*(rule.to_hf(*(np.asarray(s.leaf(p + (k,))[row].read().result())
+                                              for p in paths))
+                                 for k in ("values", "scale")))
+      else:
+        q = l4.quant.quantize_fp8(np.asarray(read(), np.float32))
+      pending.update(fp8.unfuse(q, name, n))
+    return pending.pop(hf_name)
+  dtype = lambda hf_name: np.float32 if hf_name.endswith(fp8.SCALE) else ml_dtypes.float8_e4m3fn
+  return {hf_name: (hf_shape, np.dtype(dtype(hf_name)), lambda hf_name=hf_name: piece(hf_name))
+          for hf_name, hf_shape in fp8.expected({name: shape}, n).items()}
+
+
+def _plan(s: _Source, to_fp8: bool) -> dict:
+  """HF name -> (shape, dtype, function reading it), in the order they are written."""
+  produce = {}
+  for name, (rule, base, row) in convert.routes(s.cfg).items():
+    fp8_experts = to_fp8 and fp8.per_expert(name, s.cfg.text.num_local_experts)
+    paths = [base + p for p in rule.ours]
+    stores = [s.leaf(p + ("values",) if s.is_fp8 and fp8_experts else p) for p in paths]
     dtype = np.dtype(stores[0].dtype.numpy_dtype)
     read = lambda stores=stores, row=row, rule=rule: rule.to_hf(
         *(np.asarray((st if row is None else st[row]).read().result()) for st in stores))
     shape = jax.eval_shape(rule.to_hf, *(jax.ShapeDtypeStruct(
         st.shape if row is None else st.shape[1:], dtype) for st in stores)).shape
-    produce[name] = (shape, dtype, read)
-  dtypes = {dtype for _, dtype, _ in produce.values()}
+    if fp8_experts:
+      produce.update(_fp8_experts(s, name, rule, paths, row, read, shape))
+    else:
+      produce[name] = (shape, dtype, read)
+  return produce
+
+
+def orbax_to_hf(src, hf_dir, max_shard_bytes: int = 5 * 2**30, progress: bool = True,
+                overwrite: bool = False, quantize: str | None = None) -> Path:
+  """Streams a params checkpoint into a HF directory `from_pretrained` loads: in the FP8 release's
+  layout when the checkpoint keeps FP8 experts or `quantize="fp8"` (experts quantized per channel
+  on the host, bit-exact with compressed-tensors)."""
+  hf_io.check_output(hf_dir, (src,), overwrite)
+  s = _Source(src)
+  to_fp8 = s.is_fp8 or quantize == "fp8"
+  produce = _plan(s, to_fp8)
+  dtypes = {dtype for n, (_, dtype, _) in produce.items()
+            if dtype.itemsize > 1 and not n.endswith(fp8.SCALE)}
   hf_config = s.hf_config or config_lib.to_hf(
       s.cfg, dtype=hf_io.DTYPE_NAMES[max(dtypes, key=lambda d: d.itemsize)])
+  if to_fp8 and not fp8.is_fp8(hf_config):
+    hf_config = {**hf_config, "quantization_config": fp8.quantization_config()}
   out = Path(hf_dir)
   with hf_io.atomic_dir(out, (src,), overwrite) as tmp:
     total = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype, _ in produce.values())
@@ -252,9 +301,16 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   a = sub.add_parser("hf-to-orbax", help="HF directory -> CKPT_DIR")
-  a.add_argument("--dtype", choices=sorted(DTYPES), help="default: as stored")
+  a.add_argument("--dtype", choices=sorted(DTYPES), help="default: as stored (an FP8 checkpoint's "
+                                                          "experts dequantize to it)")
+  a.add_argument("--keep-fp8", action="store_true",
+                 help="an FP8 checkpoint's experts stay fp8 + scales: a frozen base for LoRA and "
+                      "inference, dequantized one layer at a time")
   b = sub.add_parser("orbax-to-hf", help="CKPT_DIR or WORKDIR/checkpoints/STEP -> HF directory")
   b.add_argument("--max-shard-gb", type=float, default=5.0)
+  b.add_argument("--quantize", choices=["fp8"],
+                 help="write the routed experts in FP8 (the FP8 release's layout, per-channel "
+                      "scales); a checkpoint kept in FP8 is always written so")
   c = sub.add_parser("merge-lora", help="a LoRA/QLoRA run's WORKDIR/checkpoints/STEP -> CKPT_DIR "
                                          "(base + adapters)")
   c.add_argument("--dtype", choices=sorted(DTYPES), help="default: the run's param_dtype")
@@ -272,14 +328,15 @@ def main(argv=None) -> int:
 
   def convert() -> int:
     if args.command == "hf-to-orbax":
-      out = hf_to_orbax(args.src, args.dst, DTYPES.get(args.dtype), overwrite=args.overwrite)
+      out = hf_to_orbax(args.src, args.dst, DTYPES.get(args.dtype), overwrite=args.overwrite,
+                        keep_fp8=args.keep_fp8)
     elif args.command == "tokenizer":
       out = save_tokenizer(args.src, args.dst, args.overwrite)
     elif args.command == "merge-lora":
       out = merge_lora(args.src, args.dst, DTYPES.get(args.dtype), args.overwrite)
     else:
       out = orbax_to_hf(args.src, args.dst, int(args.max_shard_gb * 2**30),
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, quantize=args.quantize)
     print(out)
     return 0
   return cli.run("llama4-convert", convert, args.debug)

@@ -1,6 +1,6 @@
 """`llama4-generate SRC (--prompt TEXT | --chat MESSAGES.json | --jsonl IN.jsonl --out OUT.jsonl)
 [--image PATH ...] [--tokenizer PATH] [--max-new-tokens N] [--temperature T] [--top-p P]
-[--int4 [GROUP]]`: text from a model.
+[--int4 [GROUP] | --fp8] [--mesh AXIS=N,...]`: text from a model.
 
 SRC is a HF directory, a converted checkpoint (`llama4-convert hf-to-orbax`'s CKPT_DIR) or a
 training step WORKDIR/checkpoints/STEP (a LoRA run's adapters merged into its base). The tokenizer
@@ -29,15 +29,17 @@ from llama4_jax import processor
 from train import chat, cli, config as config_lib, params as params_lib, tokenizer as tokenizer_lib
 
 
-def load(src: str, dtype=jnp.float32) -> tuple[l4.Config, dict, str | None]:
-  """(model config, params on one device, the tokenizer stored with it or None) of SRC."""
+def load(src: str, dtype=jnp.float32, keep_fp8: bool = False) -> tuple[l4.Config, dict, str | None]:
+  """(model config, params on one device, the tokenizer stored with it or None) of SRC. An FP8
+  HF directory's experts stay FP8 with `keep_fp8`, else dequantize to `dtype`; a CKPT_DIR made
+  with `--keep-fp8` keeps them always."""
   path = Path(src)
   if not path.is_dir():
     raise FileNotFoundError(f"{src}: no such checkpoint directory")
   beside = next((str(path / n) for n in ("tokenizer.json", "tokenizer.model")
                  if (path / n).is_file()), None)
   if (path / "config.json").is_file() and not (path / "params").is_dir():
-    cfg, params = l4.load_hf(path, dtype=dtype)
+    cfg, params = l4.load_hf(path, dtype=dtype, keep_fp8=keep_fp8)
     return cfg, params, beside
   if (path / "config.json").is_file():
     cfg = l4.config.from_hf(json.loads((path / "config.json").read_text()))
@@ -139,10 +141,36 @@ def _bad(where: str):
   raise ValueError(f"{where}: expected a JSON object with 'prompt' or 'messages'")
 
 
+def place(cfg: l4.Config, params, mesh_arg: str | None, int4: int | None, fp8: bool):
+  """Params quantized as asked (int4, or fp8 experts unless already FP8) and placed by the rules
+  table on `--mesh` (default: one device)."""
+  if int4:
+    params = jax.jit(lambda p: l4.quantize(p, "int4", int4, "--int4"))(params)
+  quantized = any(map(l4.quant.is_quantized, jax.tree.leaves(params, is_leaf=l4.quant.is_quantized)))
+  if fp8 and not quantized:
+    params = jax.jit(lambda p: l4.quantize(p, "fp8"))(params)
+  if mesh_arg is None:
+    return params
+  mesh = sharding.make_mesh(sharding.MeshConfig(**parse_mesh(mesh_arg)))
+  return jax.device_put(params, sharding.tree_shardings(params, cfg, mesh))
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """`fsdp=2,tensor=4` -> {"fsdp": 2, "tensor": 4}; a one-line error names a bad entry."""
+  out = {}
+  for item in text.split(","):
+    name, _, size = item.partition("=")
+    if name.strip() not in sharding.AXES or not size.strip().lstrip("-").isdigit():
+      raise ValueError(f"--mesh {text!r}: bad entry {item!r}; expected AXIS=SIZE with AXIS in "
+                       f"{list(sharding.AXES)}")
+    out[name.strip()] = int(size)
+  return out
+
+
 def generate(args) -> int:
-  cfg, params, beside = load(args.src, jnp.bfloat16 if args.int4 else jnp.float32)
-  if args.int4:
-    params = jax.jit(lambda p: l4.quantize(p, args.int4, "--int4"))(params)
+  cfg, params, beside = load(args.src, jnp.bfloat16 if args.int4 or args.fp8 else jnp.float32,
+                             keep_fp8=args.fp8)
+  params = place(cfg, params, args.mesh, args.int4, args.fp8)
   tok = tokenizer_lib.load(args.tokenizer or beside)
   records = _records(args)
   encoded = [encode(r, tok, cfg, r.get("where", "the prompt")) for r in records]
@@ -185,6 +213,12 @@ def main(argv=None) -> int:
   parser.add_argument("--int4", type=int, nargs="?", const=64, metavar="GROUP",
                       help="block matrices as int4 in groups of GROUP (default 64), dequantized "
                            "one layer at a time")
+  parser.add_argument("--fp8", action="store_true",
+                      help="routed experts in FP8 (kept from an FP8 checkpoint, else quantized per "
+                           "channel), dequantized one layer at a time")
+  parser.add_argument("--mesh", metavar="AXIS=N,...",
+                      help="shard the params over local devices by the rules table, e.g. "
+                           "fsdp=2,tensor=4 (default: one device)")
   cli.add_debug(parser)
   args = parser.parse_args(argv)
   if (args.jsonl is None) != (args.out is None):

@@ -104,6 +104,21 @@ class Llama4JaxLM(LM):
     return out
 
 
+def measure(cfg: l4.Config, params, tok, tasks, include_path=None, limit=None,
+            batch_size: int = 8) -> dict[str, float]:
+  """lm-eval's metrics of a model in memory on `tasks` (names, local task files found under
+  `include_path`), as {"lm_eval/TASK/METRIC": value} (stderr left out): a pipeline stage measure."""
+  import lm_eval
+  from lm_eval.tasks import TaskManager
+  lm = Llama4JaxLM.from_params(cfg, params, tok, batch_size=batch_size)
+  results = lm_eval.simple_evaluate(
+      model=lm, tasks=list(tasks), limit=limit, log_samples=False, bootstrap_iters=0,
+      task_manager=TaskManager(include_path=include_path))["results"]
+  return {f"lm_eval/{task}/{metric.split(',')[0]}": float(v)
+          for task, metrics in sorted(results.items()) for metric, v in sorted(metrics.items())
+          if isinstance(v, (int, float)) and "stderr" not in metric}
+
+
 def main(argv=None) -> int:
   """`lm_eval`'s command line with `llama4-jax` registered."""
   from lm_eval.__main__ import cli_evaluate

@@ -42,12 +42,20 @@ def build(cfg: RunConfig, model_cfg: l4.Config, devices=None) -> Trainer:
   model and kernel pairing raise here, before anything is compiled."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
   stage, table = stages.for_recipe(cfg), params_lib.resolve_table(cfg, model_cfg)
-  base = jax.eval_shape(lambda: l4.init_params(model_cfg, jax.random.key(0),
-                                               jnp.dtype(cfg.model.param_dtype)))
+  base = params_lib.abstract_params(model_cfg, jnp.dtype(cfg.model.param_dtype),
+                                    cfg.model.init_from_checkpoint)
+  fp8_base = (cfg.model.init_from_checkpoint is not None
+              and params_lib.keeps_fp8(cfg.model.init_from_checkpoint))
   hooks = sharding.hooks(mesh, cfg.model.attention, cfg.model.grouped_matmul,
                          cfg.mesh.expert_dispatch, cfg.mesh.expert_capacity)
   combine, frozen_sh, frozen = None, None, None
   base_sh = sharding.param_shardings(model_cfg, mesh)
+  if fp8_base:  # a frozen base: the adapters train, the FP8 experts are dequantized per layer
+    if cfg.lora is None:
+      raise ValueError(f"model.init_from_checkpoint={cfg.model.init_from_checkpoint} keeps its "
+                       f"experts in FP8, a frozen base: add a lora section, or convert with "
+                       f"`llama4-convert hf-to-orbax --dtype bf16` to train every weight")
+    base_sh = sharding.tree_shardings(base, model_cfg, mesh)
   if cfg.lora is None:
     tx, lr = optim.make(cfg.optim, model_cfg, cfg.steps, cfg.model.frozen(), table)
     param_sh, params = base_sh, base
@@ -57,7 +65,7 @@ def build(cfg: RunConfig, model_cfg: l4.Config, devices=None) -> Trainer:
     param_sh = lora.adapter_shardings(model_cfg, cfg.lora, partial(sharding.named, mesh))
     params = jax.eval_shape(lambda: lora.init_adapters(model_cfg, cfg.lora, jax.random.key(0)))
     frozen = jax.eval_shape(lambda b: lora.freeze(b, cfg.lora), base)
-    frozen_sh = lora.frozen_shardings(frozen, model_cfg, partial(sharding.named, mesh))
+    frozen_sh = sharding.tree_shardings(frozen, model_cfg, mesh)
     hooks = hooks._replace(weights=lora.materialize)
     combine = lambda adapters, frozen: lora.combine(adapters, frozen, cfg.lora)
   abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)  # no frozen: not saved

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 import llama4_jax as l4
-from llama4_jax.quant import QTensor, dequantize
+from llama4_jax.quant import FP8Tensor, QTensor, dequantize, is_quantized
 from train import optim
 from train.config import LoraConfig, OptimConfig
 
@@ -39,6 +39,8 @@ class Lora:
 def _dense(x, dtype=None):
   if isinstance(x, QTensor):
     return dequantize(x, dtype or x.scale.dtype)
+  if isinstance(x, FP8Tensor):
+    return dequantize(x, dtype or jnp.bfloat16)
   if isinstance(x, Lora):
     w = _dense(x.w, x.a.dtype)
     delta = jnp.matmul(x.a, x.b).reshape(w.shape)  # [(E,) In, r] @ [(E,) r, Out]
@@ -47,7 +49,7 @@ def _dense(x, dtype=None):
 
 
 def _is_wrapped(x) -> bool:
-  return isinstance(x, (QTensor, Lora))
+  return is_quantized(x) or isinstance(x, Lora)
 
 
 def materialize(params):
@@ -99,7 +101,7 @@ def freeze(base: dict, cfg: LoraConfig) -> dict:
   if not cfg.quantize:
     return base
 
-  return l4.quantize(base, cfg.group_size, "lora.group_size")
+  return l4.quantize(base, "int4", cfg.group_size, "lora.group_size")
 
 
 def combine(adapters: dict, frozen: dict, cfg: LoraConfig) -> dict:
@@ -118,22 +120,6 @@ def merge(adapters: dict, frozen: dict, cfg: LoraConfig, dtype=jnp.float32) -> d
   """Plain params: base (dequantized) + adapters, in `dtype` — a model for export or a next stage."""
   merged = materialize(combine(adapters, frozen, cfg))
   return jax.tree.map(lambda a: a.astype(dtype), merged)
-
-
-def frozen_shardings(frozen_abstract: dict, model_cfg: l4.Config, named) -> dict:
-  """Shardings of the frozen tree, `named(name, shape, logical axes)` for each array
-  (`sharding.named` on the run's mesh): a QTensor's packed/scale arrays keep the weight's axes."""
-  axes = l4.param_axes(model_cfg)
-
-  def one(path, x, ax):
-    return named(jax.tree_util.keystr(path), x.shape, ax)
-
-  def leaf(path, x, ax):
-    if isinstance(x, QTensor):
-      return QTensor(one(path, x.packed, ax), one(path, x.scale, ax), x.group)
-    return one(path, x, ax)
-  return jax.tree_util.tree_map_with_path(leaf, frozen_abstract, axes,
-                                          is_leaf=_is_wrapped)
 
 
 def adapter_shardings(model_cfg: l4.Config, cfg: LoraConfig, named) -> dict:

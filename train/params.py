@@ -9,6 +9,7 @@ import orbax.checkpoint as ocp
 
 import llama4_jax as l4
 import sharding
+from llama4_jax import fp8
 from llama4_jax.config import from_hf, text_to_hf
 from train import config as config_lib, lora, metap
 from train.config import RunConfig
@@ -51,10 +52,25 @@ def initial_params(cfg: RunConfig, model_cfg: l4.Config, shardings,
   return jax.device_put(params, shardings)
 
 
+def keeps_fp8(path) -> bool:
+  """Whether `path` is a CKPT_DIR of `hf-to-orbax --keep-fp8` (its experts `FP8Tensor`s)."""
+  config = Path(path) / "config.json"
+  return config.is_file() and fp8.is_fp8(json.loads(config.read_text()))
+
+
+def abstract_params(model_cfg: l4.Config, dtype, init_from_checkpoint=None) -> dict:
+  """The shapes of a run's starting params: FP8 experts when its checkpoint keeps them."""
+  init = lambda: l4.init_params(model_cfg, jax.random.key(0), dtype)
+  if init_from_checkpoint is not None and keeps_fp8(init_from_checkpoint):
+    return jax.eval_shape(lambda: l4.quantize(init(), "fp8"))
+  return jax.eval_shape(init)
+
+
 def restore_params(path: Path, model_cfg: l4.Config, shardings, dtype) -> dict:
-  """Params from `llama4-convert hf-to-orbax`'s CKPT_DIR, or from a training checkpoint step
-  `WORKDIR/checkpoints/STEP` (params only, cast to `dtype`: how a stage starts from the last)."""
-  abstract = jax.eval_shape(lambda: l4.init_params(model_cfg, jax.random.key(0), dtype))
+  """Params from `llama4-convert hf-to-orbax`'s CKPT_DIR (FP8 experts stay FP8), or from a
+  training checkpoint step `WORKDIR/checkpoints/STEP` (params only, cast to `dtype`: how a stage
+  starts from the last)."""
+  abstract = abstract_params(model_cfg, dtype, path)
   if isinstance(shardings, jax.sharding.Sharding):  # one sharding for every leaf
     shardings = jax.tree.map(lambda _: shardings, abstract)
   target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),

@@ -5,6 +5,7 @@ own figure before and after it.
     pipeline:
       workdir: workdirs/tiny_pipeline     # stage NAME trains in WORKDIR/NAME
       eval_examples: 128                  # held-out examples per measure
+      lm_eval: {tasks: [my_task], include_path: tasks/, limit: 200}   # optional, every stage
       base: {model: ..., data: ...}       # recipe keys every stage shares
       stages:
         - {name: pretrain, steps: 300, ...}   # recipe keys of this stage, merged over base
@@ -13,7 +14,8 @@ own figure before and after it.
 A stage without `model.init_from_checkpoint` starts from the previous stage's final step. Running
 the same command again resumes: finished stages (WORKDIR/NAME/stage.json) are skipped, an
 interrupted stage resumes from its own checkpoints. Every stage is a plain recipe: its
-WORKDIR/NAME/recipe.yaml reruns it alone. Measures (each stage's `measure`, train/stages/) go to stage.json and the
+WORKDIR/NAME/recipe.yaml reruns it alone. Measures (each stage's `measure`, train/stages/, and
+lm-eval's metrics on `lm_eval.tasks` when that is set, train/harness.py) go to stage.json and the
 summary table printed at the end.
 """
 import copy
@@ -34,12 +36,17 @@ class PipelineConfig:
   workdir: str = "workdirs/pipeline"
   eval_examples: int = 128
   base: dict = dataclasses.field(default_factory=dict)
+  lm_eval: dict = dataclasses.field(default_factory=dict)  # {tasks, include_path?, limit?, batch_size?}
 
   def __post_init__(self):
     if not self.stages:
       raise ValueError("pipeline.stages: at least one stage is required")
     if self.eval_examples < 1:
       raise ValueError(f"pipeline.eval_examples={self.eval_examples}: must be >= 1")
+    unknown = sorted(set(self.lm_eval) - {"tasks", "include_path", "limit", "batch_size"})
+    if unknown or (self.lm_eval and not self.lm_eval.get("tasks")):
+      raise ValueError(f"pipeline.lm_eval: {f'unknown key(s) {unknown}' if unknown else 'no tasks'}; "
+                       f"expected {{tasks: [...], include_path?, limit?, batch_size?}}")
 
 
 def section(d: dict) -> PipelineConfig:
@@ -100,18 +107,31 @@ def run(d: dict, overrides: tuple[str, ...] = ()) -> list[dict]:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "recipe.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
     print(f"[pipeline] {name}: {cfg.steps} steps in {workdir}")
-    examples = section(d).eval_examples
     stage, start = stages_lib.for_recipe(cfg), params.starting_params(cfg)
-    before = stage.measure(start, examples, start=start)
+    before = _measure(section(d), cfg, stage, start, start=start)
     del start  # not held on the device while the stage trains
     record = loop.run(cfg)  # SIGTERM raises workdir.Interrupted: a rerun resumes this stage
-    after = stage.measure(params.final_params(cfg), examples)
+    after = _measure(section(d), cfg, stage, params.final_params(cfg))
     summary = {"stage": name, "steps": cfg.steps, "before": before, "after": after,
                "final_train_loss": record.get("loss")}
     done.write_text(json.dumps(summary, indent=2))
     summaries.append(summary)
   print(format_summaries(summaries))
   return summaries
+
+
+def _measure(p: PipelineConfig, cfg: RunConfig, stage, model_params, start=None) -> dict:
+  """The stage's own measure, and lm-eval's metrics when `pipeline.lm_eval` is set."""
+  out = stage.measure(model_params, p.eval_examples, start=start)
+  if p.lm_eval:
+    from train import harness, tokenizer as tokenizer_lib
+    model_cfg = cfg.model.build()
+    tasks = p.lm_eval["tasks"]
+    out.update(harness.measure(model_cfg, model_params, tokenizer_lib.for_model(cfg.data, model_cfg),
+                               [tasks] if isinstance(tasks, str) else tasks,
+                               p.lm_eval.get("include_path"), p.lm_eval.get("limit"),
+                               p.lm_eval.get("batch_size", 8)))
+  return out
 
 
 def format_summaries(summaries: list[dict]) -> str:
