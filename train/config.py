@@ -107,6 +107,8 @@ class DataConfig:
   batch_size: int = 16                      # global batch, in packed rows
   seed: int = 0
   packing_bins: int = 16
+  workers: int = 0                          # grain worker processes per host (0: in the trainer's
+                                            #   process; benchmarks/data.py: one is plenty)
   chat: bool = False                        # SFT: .jsonl {"messages": [...]} in the Llama 4 chat
                                             #   format, loss on assistant turns (train/chat.py)
   # multimodal models (model.multimodal): JSONL records {"text": "...<|image|>...", "images":
@@ -118,7 +120,7 @@ class DataConfig:
   def __post_init__(self):
     at_least("data", self, 1, "batch_size", "packing_bins", "image_tiles", "row_tiles")
     at_least("data", self, 2, "seq_len")  # a row must hold an input and its next token
-    at_least("data", self, 0, "seed")
+    at_least("data", self, 0, "seed", "workers")
     for i, w in enumerate(self.weights):
       if not (math.isfinite(w) and w >= 0):
         raise ValueError(f"data.weights[{i}]={w!r}: must be a finite number >= 0")
@@ -275,6 +277,9 @@ class RunConfig:
   log_every: int = 10  # metrics.jsonl + TensorBoard: every N-th step, the last and non-finite ones
   peak_flops_per_device: float | None = None  # None: from the device kind, or measured on CPU
   report: bool = True                          # write report.png at the end
+  # jax's persistent compilation cache for `llama4-train` (relative to workdir, or absolute; null:
+  # off): a restart after preemption reads its programs back instead of compiling them
+  compile_cache: str | None = "compile_cache"
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()

@@ -163,7 +163,15 @@ def packed_batches(cfg: DataConfig, sources: list[grain.MapDataset], encode: Cal
   def to_batch(row: dict) -> dict:
     return {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"],
             "positions": row["tokens_positions"], **{f: row[f] for f in fields[1:]}}
-  return ds.map(to_batch).batch(cfg.batch_size // process_count, drop_remainder=True)
+  return batched(ds.map(to_batch), cfg, process_count)
+
+
+def batched(ds: grain.IterDataset, cfg: DataConfig, process_count: int) -> grain.IterDataset:
+  """This host's batches, produced by `cfg.workers` grain worker processes when > 0."""
+  ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+  if cfg.workers:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
+  return ds
 
 
 def make_dataset(cfg: DataConfig, paths: tuple[str, ...], tok, process_index: int = 0,

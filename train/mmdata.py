@@ -134,4 +134,4 @@ def make_dataset(cfg: DataConfig, paths: tuple[str, ...], tok, vision: l4.Vision
            .seed(cfg.seed + i).shuffle().repeat().map(encode).to_iter_dataset()
            for i, p in enumerate(paths)]
   ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, list(weights))
-  return ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+  return data.batched(ds, cfg, process_count)

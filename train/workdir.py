@@ -1,6 +1,6 @@
 """What keeps a workdir safe between runs: one run at a time (a lock file holding the host and
-pid; a lock whose process is gone is stale and taken over), and SIGTERM turned into a saved,
-reported, non-zero exit."""
+pid; a lock whose process is gone is stale and taken over), SIGTERM turned into a saved,
+reported, non-zero exit, and the compilation cache a restart reads its programs from."""
 import contextlib
 import json
 import os
@@ -88,3 +88,16 @@ class Sigterm:
 
   def close(self):
     signal.signal(signal.SIGTERM, self.previous)
+
+
+def use_compile_cache(path) -> None:
+  """jax's persistent compilation cache in `path` (None: off), every program compiled in over
+  0.1 s: a restarted run reads them back instead of compiling. An explicit
+  JAX_COMPILATION_CACHE_DIR in the environment wins."""
+  if path is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  import jax
+  Path(path).mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(Path(path).absolute()))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
