@@ -31,7 +31,7 @@ V5P_HOST_FLOPS = 4 * 459e12  # 4 chips x bf16 peak
 MFU = 0.40
 
 
-def corpus(out: Path, seq_len: int) -> tuple[Path, Path]:
+def corpus(out: Path) -> tuple[Path, Path]:
   """(text.jsonl, chat.jsonl) from the repository's markdown, in ~2 KB documents."""
   words = " ".join((ROOT / "README.md").read_text().split() +
                    [w for f in sorted((ROOT / "docs").glob("*.md")) for w in f.read_text().split()])
@@ -39,7 +39,7 @@ def corpus(out: Path, seq_len: int) -> tuple[Path, Path]:
   text, chats = out / "text.jsonl", out / "chat.jsonl"
   text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
   chats.write_text("".join(json.dumps({"messages": [
-      {"role": "user", "content": d[:seq_len]}, {"role": "assistant", "content": d[seq_len:]}]})
+      {"role": "user", "content": d[:len(d) // 2]}, {"role": "assistant", "content": d[len(d) // 2:]}]})
       + "\n" for d in docs))
   return text, chats
 
@@ -54,7 +54,7 @@ def throughput(ds, batches: int) -> float:
 
 
 def pipelines(tmp: Path, tok, workers: int, seq_len: int) -> dict:
-  text, chats = corpus(tmp, seq_len)
+  text, chats = corpus(tmp)
   base = dict(seq_len=seq_len, batch_size=8, workers=workers)
   vision = l4.presets.scout().vision  # 336 px tiles, 144 tokens each
   images = config_lib.DataConfig(**base, synthetic_images=config_lib.SyntheticImagesConfig(200))

@@ -36,7 +36,8 @@ BENCH = dataclasses.replace(
 BATCH, SEQ = 4, 512
 RECIPE = {  # the framework's run: the same model, batch and AdamW as the bare step
     "workdir": "/tmp/llama4-bench-train-step", "steps": 1000, "report": False,
-    "model": {"text": config_lib.text_to_hf(BENCH)},
+    "model": {"text": {f.name: getattr(BENCH, f.name) for f in dataclasses.fields(BENCH)
+                       if getattr(BENCH, f.name) != getattr(l4.presets.tiny().text, f.name)}},
     "data": {"seq_len": SEQ, "batch_size": BATCH},
     "optim": {"lr": 1e-4, "warmup_steps": 1},
 }
@@ -118,6 +119,7 @@ def main():
     peak = max(peak, metrics.measure_matmul_peak(jnp.float32, n=2048, repeats=3))
     for name, (step, state) in runs.items():
       tok_s, state = _timed(step, state, args.steps)
+      print(f"  {name}: {tok_s:.1f} tok/s", flush=True)
       runs[name], best[name] = (step, state), max(best[name], tok_s)
   flops = metrics.train_flops_per_token(BENCH, SEQ)
   print(f"device: {jax.devices()[0].device_kind}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; "

@@ -170,6 +170,9 @@ def batched(ds: grain.IterDataset, cfg: DataConfig, process_count: int) -> grain
   """This host's batches, produced by `cfg.workers` grain worker processes when > 0."""
   ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
   if cfg.workers:
+    from absl import flags  # grain's workers read absl flags, which no command line parsed here
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
   return ds
 

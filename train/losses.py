@@ -29,10 +29,11 @@ def target_logps(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Arra
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array,
                   z_loss: float = 0.0) -> tuple[jax.Array, dict]:
-  """Summed (not averaged) weighted NLL and z-loss, in fp32; callers divide by the token count."""
+  """Summed (not averaged) weighted NLL and z-loss, in fp32; callers divide by the token count.
+  Without a z-loss nothing of it is computed (its metric is 0)."""
   logp, lse = target_logps(logits_BTV, targets_BT)
   nll = -jnp.sum(logp * weights_BT)
-  z = z_loss * jnp.sum(jnp.square(lse) * weights_BT)
+  z = z_loss * jnp.sum(jnp.square(lse) * weights_BT) if z_loss else jnp.zeros((), jnp.float32)
   return nll + z, {"nll_sum": nll, "z_sum": z}
 
 

@@ -76,6 +76,21 @@ def _records_before(path: Path, step: int) -> list[str]:
           if record["step"] < step]
 
 
+def _summary_writer(path: Path):
+  """tensorboardX's SummaryWriter, imported without its optional torch import (3 s of every
+  start where torch is installed; scalars need none of it)."""
+  import sys
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+  else:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+      from tensorboardX import SummaryWriter
+    finally:
+      del sys.modules["torch"]
+  return SummaryWriter(str(path))
+
+
 class Sinks:
   """metrics.jsonl (one object per step) and TensorBoard scalars, on process 0 only."""
 
@@ -87,8 +102,7 @@ class Sinks:
       return
     if self.path.exists():
       self.path.write_text("".join(l + "\n" for l in _records_before(self.path, resume_step)))
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(str(workdir / "tensorboard"))
+    self.tb = _summary_writer(workdir / "tensorboard")
     self.file = self.path.open("a")
 
   def write(self, record: dict) -> None:
@@ -129,7 +143,8 @@ def to_record(step: int, metrics: dict, seconds: float, tokens: int, flops_per_t
 
 class StepLog:
   """The loop's record keeping: each fetched step's record (rates from the host clock), its health
-  check, metrics.jsonl / TensorBoard every `log_every` steps and the progress bar;
+  check, metrics.jsonl / TensorBoard every `log_every` steps (and the run's first step, with
+  `startup_s`: seconds from importing `train` to that step's metrics) and the progress bar;
   WORKDIR/config.json with the peak."""
 
   def __init__(self, cfg, model_cfg: l4.Config, devices: int, workdir: Path, start: int, ckpt):
@@ -143,7 +158,7 @@ class StepLog:
     self.every, self.last_step = cfg.log_every, cfg.steps - 1
     self.health = health.Health(cfg.optim.skip_nonfinite)
     self.bar = tqdm(total=cfg.steps, initial=start, disable=jax.process_index() != 0, desc="train")
-    self.last = time.perf_counter()
+    self.last, self.first = time.perf_counter(), start
 
   def flush(self, n: int, device_metrics, host_metrics: dict) -> dict:
     """Step n's record; raises health.Diverged (after recording it) on a step past the limit."""
@@ -153,10 +168,13 @@ class StepLog:
                     self.devices)
     self.last = now
     rec.update(host_metrics)
+    if n == self.first:  # imports, setup, restore and the first compile: what a compile cache cuts
+      import train
+      rec["startup_s"] = now - train.STARTED
     try:
       self.health.check(rec, self.ckpt.latest_step())
     finally:  # every `log_every`-th step, the last, and any non-finite one (it raised the alarm)
-      if n % self.every == 0 or n == self.last_step or rec.get("nonfinite"):
+      if n % self.every == 0 or n in (self.first, self.last_step) or rec.get("nonfinite"):
         self.sinks.write(rec)
     self.bar.update(1)
     self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")

@@ -91,13 +91,13 @@ class Sigterm:
 
 
 def use_compile_cache(path) -> None:
-  """jax's persistent compilation cache in `path` (None: off), every program compiled in over
-  0.1 s: a restarted run reads them back instead of compiling. An explicit
-  JAX_COMPILATION_CACHE_DIR in the environment wins."""
-  if path is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    return
+  """jax's persistent compilation cache in `path` (None: off), every program: a restarted run
+  reads them back instead of compiling. A cache the process already has
+  (JAX_COMPILATION_CACHE_DIR, or set by a caller) wins."""
   import jax
+  if path is None or jax.config.jax_compilation_cache_dir:
+    return
   Path(path).mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(Path(path).absolute()))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

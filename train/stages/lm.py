@@ -43,10 +43,12 @@ def make_loss(model_cfg: l4.Config, compute_dtype, remat: bool, z_loss: float,
     total, metrics = losses.chunked_cross_entropy(lambda x: l4.model.head(model_cfg.text, p, x),
                                                   out.final, targets, weights, z_loss, loss_chunk)
     n = jnp.sum(weights)
-    lb = losses.load_balance(out.router_logits, out.expert_counts, k)
-    total = total + load_balance * lb * n
-    return total, (n, {**metrics, "load_balance_sum": lb * n,
-                       "expert_counts": out.expert_counts})
+    metrics = {**metrics, "expert_counts": out.expert_counts}
+    if load_balance:  # the auxiliary loss and its metric only when it is trained
+      lb = losses.load_balance(out.router_logits, out.expert_counts, k)
+      total = total + load_balance * lb * n
+      metrics["load_balance_sum"] = lb * n
+    return total, (n, metrics)
   return loss_fn
 
 
