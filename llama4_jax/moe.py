@@ -5,8 +5,9 @@ HF runs every expert on every token with zero-scaled inputs. Here tokens are sor
 only the chosen experts run (no capacity, nothing dropped), so the FLOPs follow the *active*
 experts. The grouped matmul is `jax.lax.ragged_dot` where it is native (GPU/TPU); on CPU
 ragged_dot lowers to a dense dot over all experts, so there rows are padded into per-expert blocks
-and each block multiplies its expert's weights (a batched matmul of gathered weights).
+and a loop runs each block through its expert's weights, sliced in place.
 """
+from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
@@ -36,10 +37,11 @@ def _block_size(rows: int, num_experts: int) -> int:
 
 
 def expert_ffn_blocked(x_AD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array,
-                       up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
+                       up_EDF: jax.Array, down_EFD: jax.Array, unroll: bool = False) -> jax.Array:
   """SwiGLU experts over rows sorted by expert; blocks of b rows each belong to one expert.
 
-  Rows past sum(group_sizes) belong to no expert and give zeros (as with ragged_dot).
+  Rows past sum(group_sizes) belong to no expert and give zeros (as with ragged_dot). `unroll`
+  runs the same blocks as straight-line code (XLA's cost analysis counts a loop body once).
   """
   m, d = x_AD.shape
   e = group_sizes_E.shape[0]
@@ -54,11 +56,47 @@ def expert_ffn_blocked(x_AD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.
   x_padded = jnp.zeros((nblocks * b, d), x_AD.dtype).at[dest_A].set(x_AD, mode="drop")
   # Trailing empty blocks index past the last group; their rows are zero, any expert will do.
   block_expert = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(nblocks) * b, side="right"), e - 1)
-  x_UbD = x_padded.reshape(nblocks, b, d)
-  g = jnp.einsum("UbD,UDF->UbF", x_UbD, gate_EDF[block_expert])
-  u = jnp.einsum("UbD,UDF->UbF", x_UbD, up_EDF[block_expert])
-  y = jnp.einsum("UbF,UFD->UbD", jax.nn.silu(g) * u, down_EFD[block_expert])
+  y = _blocks(unroll, x_padded.reshape(nblocks, b, d), block_expert, gate_EDF, up_EDF, down_EFD)
   return y.reshape(nblocks * b, d).at[dest_A].get(mode="fill", fill_value=0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocks(unroll, x_UbD, expert_U, gate_EDF, up_EDF, down_EFD):
+  """Each block [b, D] through its expert's SwiGLU: a loop over blocks that slices the expert's
+  weights in place (no per-block copies of them), with a hand-written backward that adds each
+  block's weight gradient into its expert's in place (autodiff of the loop would add a full
+  [E, D, F] zero-padded gradient per block)."""
+  return _blocks_fwd(unroll, x_UbD, expert_U, gate_EDF, up_EDF, down_EFD)[0]
+
+
+def _blocks_fwd(unroll, x_UbD, expert_U, gate_EDF, up_EDF, down_EFD):
+  def block(_, xs):
+    x, ex = xs
+    g, u = x @ gate_EDF[ex], x @ up_EDF[ex]
+    return None, ((jax.nn.silu(g) * u) @ down_EFD[ex], g, u)
+  _, (y, g, u) = jax.lax.scan(block, None, (x_UbD, expert_U), unroll=unroll)
+  return y, (x_UbD, expert_U, gate_EDF, up_EDF, down_EFD, g, u)
+
+
+def _blocks_bwd(unroll, res, dy_UbD):
+  x_UbD, expert_U, gate_EDF, up_EDF, down_EFD, g_UbF, u_UbF = res
+
+  def block(grads, xs):
+    dgate, dup, ddown = grads
+    x, ex, g, u, dy = xs
+    sig = jax.nn.sigmoid(g)
+    silu = g * sig
+    dh = dy @ down_EFD[ex].T
+    dg, du = dh * u * sig * (1 + g * (1 - sig)), dh * silu
+    grads = (dgate.at[ex].add(x.T @ dg), dup.at[ex].add(x.T @ du),
+             ddown.at[ex].add((silu * u).T @ dy))
+    return grads, dg @ gate_EDF[ex].T + du @ up_EDF[ex].T
+  zeros = tuple(jnp.zeros_like(w) for w in (gate_EDF, up_EDF, down_EFD))
+  grads, dx = jax.lax.scan(block, zeros, (x_UbD, expert_U, g_UbF, u_UbF, dy_UbD), unroll=unroll)
+  return (dx, None, *grads)
+
+
+_blocks.defvjp(_blocks_fwd, _blocks_bwd)
 
 
 def expert_ffn_ragged(x_AD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.Array,
