@@ -63,6 +63,7 @@ def test_a_bad_pipeline_section_is_one_error_naming_it(section, culprit):
     pipeline.stages({"pipeline": section})
 
 
+@pytest.mark.slow
 def test_lm_eval_is_a_stage_measure(tmp_path, monkeypatch):
   rows = [{"prompt": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1)]}
           for a, b in [(1, 2), (3, 4), (10, 5), (7, 7), (20, 2), (9, 9)]]

@@ -223,6 +223,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if (args.jsonl is None) != (args.out is None):
     parser.error("--out goes with --jsonl (and --jsonl needs --out)")
+  if args.int4 and args.fp8:
+    parser.error("--int4 and --fp8: choose one quantization")
   for name, ok in (("max_new_tokens", args.max_new_tokens >= 1), ("batch_size", args.batch_size >= 1),
                    ("temperature", args.temperature >= 0), ("top_p", 0 < args.top_p <= 1)):
     if not ok:
