@@ -10,6 +10,7 @@ tree (stacked arrays: which row); everything else here is built on it.
 """
 from typing import Callable, Iterator, NamedTuple
 
+import jax
 import numpy as np
 
 from llama4_jax.config import Config, TextConfig, VisionConfig
@@ -48,7 +49,6 @@ def _proj_out(path, heads: int) -> tuple:
 
 def _concat_last(g, u):
   """np.concatenate, or jnp under tracing (jax.eval_shape derives shapes from this table)."""
-  import jax
   xp = jax.numpy if isinstance(g, jax.core.Tracer) else np
   return xp.concatenate([g, u], axis=-1)
 
@@ -180,7 +180,6 @@ def to_hf_tensors(cfg: Config, params: dict,
 
 def expected_hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
   """HF name -> shape, derived from our param specs through the table (no array is built)."""
-  import jax  # local: only needed here, keeps the table importable without tracing
   from llama4_jax import params as params_lib
   shapes = jax.eval_shape(lambda: params_lib.init_params(cfg, jax.random.key(0)))
   hf = jax.eval_shape(lambda p: dict(to_hf_tensors(cfg, p, lambda a: a)), shapes)
@@ -197,7 +196,6 @@ def leaves_from_hf(rule: Rule, x) -> tuple:
 def from_hf_tensors(cfg: Config, get: Callable[[str], np.ndarray]) -> dict:
   """Builds our params tree; `get(name)` returns one HF tensor (already checked to exist), or an
   `FP8Tensor` for an FP8 expert tensor kept in FP8."""
-  import jax
   params: dict = {}
   rows: dict[tuple, dict[int, np.ndarray]] = {}
   for name, (rule, base, row) in routes(cfg).items():

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from llama4_jax.quant import FP8Tensor
+from llama4_jax.quant import FP8Tensor, dequantize
 
 FORMAT = "float-quantized"
 PARTS = {"experts.gate_up_proj": ("gate_proj", "up_proj"), "experts.down_proj": ("down_proj",)}
@@ -138,7 +138,8 @@ def unfuse(fused: FP8Tensor, name: str, n_experts: int) -> dict[str, np.ndarray]
 
 def reader(get: Callable[[str], np.ndarray], names, n_experts: int, keep: bool) -> Callable:
   """`get` for the bf16 layout's names over an FP8 directory holding `names`: fused expert tensors
-  rebuilt (as `FP8Tensor`s when `keep`, else dequantized to fp32), other FP8 weights dequantized."""
+  rebuilt (as `FP8Tensor`s when `keep`, else dequantized to fp32), other FP8 weights dequantized
+  (`quant.dequantize` on numpy arrays: the host computes what the device would)."""
   names = set(names)
 
   def read(name: str):
@@ -149,8 +150,3 @@ def reader(get: Callable[[str], np.ndarray], names, n_experts: int, keep: bool) 
       return dequantize(FP8Tensor(get(name), get(name + SCALE).astype(np.float32)))
     return get(name)
   return read
-
-
-def dequantize(q: FP8Tensor) -> np.ndarray:
-  """values * scale in fp32, as `quant.dequantize` computes it."""
-  return q.values.astype(np.float32) * q.scale

@@ -110,6 +110,11 @@ def is_quantized(x) -> bool:
   return isinstance(x, (QTensor, FP8Tensor))
 
 
+def has_quantized(tree) -> bool:
+  """Whether any leaf of `tree` (arrays or abstract shapes) is quantized."""
+  return any(map(is_quantized, jax.tree.leaves(tree, is_leaf=is_quantized)))
+
+
 def dequantize_layer(p):
   """One layer's params with quantized leaves as plain weights: int4 in its scales' dtype (bf16),
   fp8 in the dtype of the layer's plain weights (fp32 params: exactly values * scale)."""

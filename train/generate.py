@@ -146,8 +146,7 @@ def place(cfg: l4.Config, params, mesh_arg: str | None, int4: int | None, fp8: b
   table on `--mesh` (default: one device)."""
   if int4:
     params = jax.jit(lambda p: l4.quantize(p, "int4", int4, "--int4"))(params)
-  quantized = any(map(l4.quant.is_quantized, jax.tree.leaves(params, is_leaf=l4.quant.is_quantized)))
-  if fp8 and not quantized:
+  if fp8 and not l4.quant.has_quantized(params):
     params = jax.jit(lambda p: l4.quantize(p, "fp8"))(params)
   if mesh_arg is None:
     return params

@@ -44,13 +44,11 @@ def build(cfg: RunConfig, model_cfg: l4.Config, devices=None) -> Trainer:
   stage, table = stages.for_recipe(cfg), params_lib.resolve_table(cfg, model_cfg)
   base = params_lib.abstract_params(model_cfg, jnp.dtype(cfg.model.param_dtype),
                                     cfg.model.init_from_checkpoint)
-  fp8_base = (cfg.model.init_from_checkpoint is not None
-              and params_lib.keeps_fp8(cfg.model.init_from_checkpoint))
   hooks = sharding.hooks(mesh, cfg.model.attention, cfg.model.grouped_matmul,
                          cfg.mesh.expert_dispatch, cfg.mesh.expert_capacity)
   combine, frozen_sh, frozen = None, None, None
   base_sh = sharding.param_shardings(model_cfg, mesh)
-  if fp8_base:  # a frozen base: the adapters train, the FP8 experts are dequantized per layer
+  if l4.quant.has_quantized(base):  # FP8 experts: a frozen base: the adapters train, the FP8 experts are dequantized per layer
     if cfg.lora is None:
       raise ValueError(f"model.init_from_checkpoint={cfg.model.init_from_checkpoint} keeps its "
                        f"experts in FP8, a frozen base: add a lora section, or convert with "

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 import llama4_jax as l4
-from llama4_jax.quant import FP8Tensor, QTensor, dequantize, is_quantized
+from llama4_jax.quant import dequantize, dequantize_layer, is_quantized
 from train import optim
 from train.config import LoraConfig, OptimConfig
 
@@ -36,25 +36,20 @@ class Lora:
   scale: float = flax.struct.field(pytree_node=False)
 
 
-def _dense(x, dtype=None):
-  if isinstance(x, QTensor):
-    return dequantize(x, dtype or x.scale.dtype)
-  if isinstance(x, FP8Tensor):
-    return dequantize(x, dtype or jnp.bfloat16)
-  if isinstance(x, Lora):
-    w = _dense(x.w, x.a.dtype)
-    delta = jnp.matmul(x.a, x.b).reshape(w.shape)  # [(E,) In, r] @ [(E,) r, Out]
-    return w.astype(x.a.dtype) + (x.scale * delta).astype(x.a.dtype)
-  return x
-
-
-def _is_wrapped(x) -> bool:
-  return is_quantized(x) or isinstance(x, Lora)
+def _merged(x):
+  """A `Lora` leaf as its base (dequantized to the adapters' dtype) + the adapter product."""
+  if not isinstance(x, Lora):
+    return x
+  w = dequantize(x.w, x.a.dtype) if is_quantized(x.w) else x.w
+  delta = jnp.matmul(x.a, x.b).reshape(w.shape)  # [(E,) In, r] @ [(E,) r, Out]
+  return w.astype(x.a.dtype) + (x.scale * delta).astype(x.a.dtype)
 
 
 def materialize(params):
-  """Plain weights from a tree with `Lora`/`QTensor` leaves (`l4.Hooks.weights`); the merge."""
-  return jax.tree.map(_dense, params, is_leaf=_is_wrapped)
+  """Plain weights from a tree with `Lora` and quantized leaves (`l4.Hooks.weights`); the merge.
+  Quantized leaves without adapters go through the model's own `quant.dequantize_layer`."""
+  merged = jax.tree.map(_merged, params, is_leaf=lambda x: isinstance(x, Lora))
+  return dequantize_layer(merged)
 
 
 def adapter_specs(model_cfg: l4.Config, cfg: LoraConfig) -> dict:

@@ -52,16 +52,12 @@ def initial_params(cfg: RunConfig, model_cfg: l4.Config, shardings,
   return jax.device_put(params, shardings)
 
 
-def keeps_fp8(path) -> bool:
-  """Whether `path` is a CKPT_DIR of `hf-to-orbax --keep-fp8` (its experts `FP8Tensor`s)."""
-  config = Path(path) / "config.json"
-  return config.is_file() and fp8.is_fp8(json.loads(config.read_text()))
-
-
 def abstract_params(model_cfg: l4.Config, dtype, init_from_checkpoint=None) -> dict:
-  """The shapes of a run's starting params: FP8 experts when its checkpoint keeps them."""
+  """The shapes of a run's starting params: FP8 experts when its checkpoint is a CKPT_DIR of
+  `hf-to-orbax --keep-fp8`."""
   init = lambda: l4.init_params(model_cfg, jax.random.key(0), dtype)
-  if init_from_checkpoint is not None and keeps_fp8(init_from_checkpoint):
+  config = init_from_checkpoint and Path(init_from_checkpoint) / "config.json"
+  if config and config.is_file() and fp8.is_fp8(json.loads(config.read_text())):
     return jax.eval_shape(lambda: l4.quantize(init(), "fp8"))
   return jax.eval_shape(init)
 
