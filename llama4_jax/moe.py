@@ -56,44 +56,59 @@ def expert_ffn_blocked(x_AD: jax.Array, group_sizes_E: jax.Array, gate_EDF: jax.
   x_padded = jnp.zeros((nblocks * b, d), x_AD.dtype).at[dest_A].set(x_AD, mode="drop")
   # Trailing empty blocks index past the last group; their rows are zero, any expert will do.
   block_expert = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(nblocks) * b, side="right"), e - 1)
-  y = _blocks(unroll, x_padded.reshape(nblocks, b, d), block_expert, gate_EDF, up_EDF, down_EFD)
+  used = ends_E[-1] // b  # blocks holding rows; the rest are padding
+  y = _blocks(unroll, x_padded.reshape(nblocks, b, d), block_expert, used, gate_EDF, up_EDF,
+              down_EFD)
   return y.reshape(nblocks * b, d).at[dest_A].get(mode="fill", fill_value=0)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocks(unroll, x_UbD, expert_U, gate_EDF, up_EDF, down_EFD):
-  """Each block [b, D] through its expert's SwiGLU: a loop over blocks that slices the expert's
-  weights in place (no per-block copies of them), with a hand-written backward that adds each
-  block's weight gradient into its expert's in place (autodiff of the loop would add a full
-  [E, D, F] zero-padded gradient per block)."""
-  return _blocks_fwd(unroll, x_UbD, expert_U, gate_EDF, up_EDF, down_EFD)[0]
+def _blocks(unroll, x_UbD, expert_U, used, gate_EDF, up_EDF, down_EFD):
+  """Each of the first `used` blocks [b, D] through its expert's SwiGLU (the rest give zeros): a
+  loop over blocks that slices the expert's weights in place (no per-block copies of them), with
+  a hand-written backward that adds each block's weight gradient into its expert's in place
+  (autodiff of the loop would add a full [E, D, F] zero-padded gradient per block). Padding blocks
+  past `used` cost nothing; `unroll` runs all blocks as straight-line code instead."""
+  return _blocks_fwd(unroll, x_UbD, expert_U, used, gate_EDF, up_EDF, down_EFD)[0]
 
 
-def _blocks_fwd(unroll, x_UbD, expert_U, gate_EDF, up_EDF, down_EFD):
-  def block(_, xs):
-    x, ex = xs
+def _loop(unroll: bool, used: jax.Array, nblocks: int, body, init):
+  """body(i, carry) for i < used (a loop with a dynamic trip count), or over all blocks unrolled."""
+  if unroll:
+    return jax.lax.fori_loop(0, nblocks, body, init, unroll=True)
+  return jax.lax.fori_loop(0, used, body, init)
+
+
+def _blocks_fwd(unroll, x_UbD, expert_U, used, gate_EDF, up_EDF, down_EFD):
+  nblocks, b, _ = x_UbD.shape
+  f = gate_EDF.shape[-1]
+
+  def block(i, out):
+    x, ex = x_UbD[i], expert_U[i]
     g, u = x @ gate_EDF[ex], x @ up_EDF[ex]
-    return None, ((jax.nn.silu(g) * u) @ down_EFD[ex], g, u)
-  _, (y, g, u) = jax.lax.scan(block, None, (x_UbD, expert_U), unroll=unroll)
-  return y, (x_UbD, expert_U, gate_EDF, up_EDF, down_EFD, g, u)
+    y = (jax.nn.silu(g) * u) @ down_EFD[ex]
+    return tuple(o.at[i].set(v) for o, v in zip(out, (y, g, u)))
+  zeros = (jnp.zeros_like(x_UbD), jnp.zeros((nblocks, b, f), x_UbD.dtype),
+           jnp.zeros((nblocks, b, f), x_UbD.dtype))
+  y, g, u = _loop(unroll, used, nblocks, block, zeros)
+  return y, (x_UbD, expert_U, used, gate_EDF, up_EDF, down_EFD, g, u)
 
 
 def _blocks_bwd(unroll, res, dy_UbD):
-  x_UbD, expert_U, gate_EDF, up_EDF, down_EFD, g_UbF, u_UbF = res
+  x_UbD, expert_U, used, gate_EDF, up_EDF, down_EFD, g_UbF, u_UbF = res
 
-  def block(grads, xs):
-    dgate, dup, ddown = grads
-    x, ex, g, u, dy = xs
+  def block(i, carry):
+    dgate, dup, ddown, dx = carry
+    x, ex, g, u, dy = x_UbD[i], expert_U[i], g_UbF[i], u_UbF[i], dy_UbD[i]
     sig = jax.nn.sigmoid(g)
     silu = g * sig
     dh = dy @ down_EFD[ex].T
     dg, du = dh * u * sig * (1 + g * (1 - sig)), dh * silu
-    grads = (dgate.at[ex].add(x.T @ dg), dup.at[ex].add(x.T @ du),
-             ddown.at[ex].add((silu * u).T @ dy))
-    return grads, dg @ gate_EDF[ex].T + du @ up_EDF[ex].T
-  zeros = tuple(jnp.zeros_like(w) for w in (gate_EDF, up_EDF, down_EFD))
-  grads, dx = jax.lax.scan(block, zeros, (x_UbD, expert_U, g_UbF, u_UbF, dy_UbD), unroll=unroll)
-  return (dx, None, *grads)
+    return (dgate.at[ex].add(x.T @ dg), dup.at[ex].add(x.T @ du),
+            ddown.at[ex].add((silu * u).T @ dy), dx.at[i].set(dg @ gate_EDF[ex].T + du @ up_EDF[ex].T))
+  init = (*(jnp.zeros_like(w) for w in (gate_EDF, up_EDF, down_EFD)), jnp.zeros_like(x_UbD))
+  dgate, dup, ddown, dx = _loop(unroll, used, x_UbD.shape[0], block, init)
+  return (dx, None, None, dgate, dup, ddown)
 
 
 _blocks.defvjp(_blocks_fwd, _blocks_bwd)
