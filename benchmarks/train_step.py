@@ -3,7 +3,9 @@ step (what `llama4-train` runs), HF transformers (torch) and the fp32 matmul pea
 
     python benchmarks/train_step.py [--rounds 3] [--steps 6] [--skip-hf]
 
-- bare: `jax.jit(value_and_grad(mean CE of l4.forward)) + optax.adamw`, nothing else;
+- bare: `jax.jit(value_and_grad(mean CE of l4.forward)) + optax.adamw`, nothing else, its layers
+  unrolled (`l4.Hooks(scan=False)`, as the recipe's `model.scan_layers: false`); bare-scan: the
+  same with the layers scanned (the default);
 - framework: `loop.build(recipe)`'s jitted step (stage loss, metrics, optimizer with the MetaP
   table's per-tensor multipliers, finite check, donated state), built from the `bench` recipe below;
 - HF: `Llama4ForCausalLM` + torch AdamW on the identical config and batch.
@@ -37,7 +39,8 @@ BATCH, SEQ = 4, 512
 RECIPE = {  # the framework's run: the same model, batch and AdamW as the bare step
     "workdir": "/tmp/llama4-bench-train-step", "steps": 1000, "report": False,
     "model": {"text": {f.name: getattr(BENCH, f.name) for f in dataclasses.fields(BENCH)
-                       if getattr(BENCH, f.name) != getattr(l4.presets.tiny().text, f.name)}},
+                       if getattr(BENCH, f.name) != getattr(l4.presets.tiny().text, f.name)},
+              "scan_layers": False},
     "data": {"seq_len": SEQ, "batch_size": BATCH},
     "optim": {"lr": 1e-4, "warmup_steps": 1},
 }
@@ -53,14 +56,14 @@ def _timed(step, state, steps: int) -> tuple[float, object]:
   return BATCH * SEQ * steps / (time.perf_counter() - t0), state
 
 
-def bare(ids: np.ndarray):
-  """(step, state): the plain step."""
+def bare(ids: np.ndarray, scan: bool = False):
+  """(step, state): the plain step (its layers unrolled, as the recipe's, or scanned)."""
   cfg = l4.Config(text=BENCH)
   tx = optax.adamw(1e-4, weight_decay=0.1)
   x = jnp.asarray(ids)
 
   def loss(params):
-    logits = l4.forward(cfg, params, x)[:, :-1]  # all 512 positions, as the framework's rows
+    logits = l4.forward(cfg, params, x, hooks=l4.Hooks(scan=scan))[:, :-1]  # all 512 positions
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), x[:, 1:, None], -1))
 
   @jax.jit
@@ -126,7 +129,7 @@ def main():
   parser.add_argument("--skip-hf", action="store_true")
   args = parser.parse_args()
   ids = np.random.RandomState(0).randint(0, BENCH.vocab_size, (BATCH, SEQ)).astype(np.int32)
-  runs = {"bare": bare(ids), "framework": framework(ids)}
+  runs = {"bare": bare(ids), "bare-scan": bare(ids, scan=True), "framework": framework(ids)}
   if not args.skip_hf:
     runs["hf"] = hf(ids)
   best = {name: 0.0 for name in runs}

@@ -19,12 +19,13 @@ def constrain_fn(mesh: Mesh):
 
 
 def hooks(mesh: Mesh, attention: str = "auto", grouped_matmul: str = "auto",
-          dispatch: str = "all_to_all", capacity: float = 2.0) -> l4.Hooks:
+          dispatch: str = "all_to_all", capacity: float = 2.0, scan: bool = True) -> l4.Hooks:
   """Hooks for `l4.apply` on `mesh`: constraints at block boundaries, around the MoE and on the
   logits; expert-parallel dispatch when the expert axis is > 1; context-parallel attention when
   the context axis is > 1; the flash kernel and grouped matmul of the mesh's platform (or the
   given ones, checked against it); `dispatch` and `capacity` as `mesh.expert_dispatch` and
-  `mesh.expert_capacity`."""
+  `mesh.expert_capacity`; `scan` as `model.scan_layers`."""
   ffn = kernels.expert_ffn(mesh, grouped_matmul)
   return l4.Hooks(moe_fn=expert.moe_fn(mesh, ffn, dispatch, capacity), constrain=constrain_fn(mesh),
-                  attend_fn=context.attend_fn(mesh), flash_fn=kernels.flash_fn(mesh, attention))
+                  attend_fn=context.attend_fn(mesh), flash_fn=kernels.flash_fn(mesh, attention),
+                  scan=scan)

@@ -26,7 +26,7 @@ import llama4_jax as l4  # noqa: E402
 
 # One compiled forward shared by every test (config and flags are static).
 apply_jit = jax.jit(l4.apply, static_argnums=0,
-                    static_argnames=("scan", "remat", "return_hidden"))
+                    static_argnames=("remat", "return_hidden", "hooks"))
 extend_jit = jax.jit(l4.extend, static_argnums=0)
 
 

@@ -54,17 +54,19 @@ def test_packed_documents_equal_separate_sequences(params):
 def test_scan_equals_unrolled_and_remat_equals_no_remat(params):
   ids = _ids(3)
   scanned = apply_jit(CFG, params, ids, return_hidden=True)
-  unrolled = apply_jit(CFG, params, ids, scan=False, return_hidden=True)
+  unrolled = apply_jit(CFG, params, ids, hooks=l4.Hooks(scan=False), return_hidden=True)
   np.testing.assert_allclose(scanned.logits, unrolled.logits, atol=1e-6, rtol=0)
   np.testing.assert_allclose(scanned.hidden, unrolled.hidden, atol=1e-6, rtol=0)
   np.testing.assert_array_equal(scanned.expert_counts, unrolled.expert_counts)
 
-  def loss(p, remat):
-    logits = l4.forward(CFG, p, ids, remat=remat)
+  def loss(p, remat, scan=True):
+    logits = l4.forward(CFG, p, ids, remat=remat, hooks=l4.Hooks(scan=scan))
     return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, ids[..., None], -1)[..., 0])
-  g0 = jax.jit(jax.grad(loss), static_argnums=1)(params, False)
-  g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, True)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), g0, g1)
+  g0 = jax.jit(jax.grad(loss), static_argnums=(1, 2))(params, False)
+  g1 = jax.jit(jax.grad(loss), static_argnums=(1, 2))(params, True)
+  g2 = jax.jit(jax.grad(loss), static_argnums=(1, 2))(params, False, False)  # unrolled layers
+  for g in (g1, g2):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), g0, g)
 
 
 def test_expert_counts_cover_every_token(params):

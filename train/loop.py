@@ -45,7 +45,8 @@ def build(cfg: RunConfig, model_cfg: l4.Config, devices=None) -> Trainer:
   base = params_lib.abstract_params(model_cfg, jnp.dtype(cfg.model.param_dtype),
                                     cfg.model.init_from_checkpoint)
   hooks = sharding.hooks(mesh, cfg.model.attention, cfg.model.grouped_matmul,
-                         cfg.mesh.expert_dispatch, cfg.mesh.expert_capacity)
+                         cfg.mesh.expert_dispatch, cfg.mesh.expert_capacity,
+                         cfg.model.scan_layers)
   combine, frozen_sh, frozen = None, None, None
   base_sh = sharding.param_shardings(model_cfg, mesh)
   if l4.quant.has_quantized(base):  # FP8 experts: a frozen base: the adapters train, the FP8 experts are dequantized per layer
