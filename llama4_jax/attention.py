@@ -17,6 +17,7 @@ from llama4_jax.config import TextConfig
 
 
 QUERY_BLOCK = 256  # queries per block when long self-attention skips invisible keys
+REMAT_SCORES = 1 << 20  # T x keys per head above which the blocks' scores are recomputed in the backward
 
 
 class Context(NamedTuple):
@@ -84,10 +85,13 @@ def attend_blocked(q_BTNH, k_BTKH, v_BTKH, mask_BTT, window: int | None, block: 
   Causality bounds keys by the block's end. A chunked layer's query at index i sees only keys of
   its own chunk, and chunks (even restarted per packed document) start at or after i - window + 1,
   so its keys lie in [start - window + 1, end): O(T * window) work instead of O(T^2).
-  Each block is rematerialised: the backward holds one block's scores at a time, not [T, T].
+  Past REMAT_SCORES scores per head (T = 1024 full, or a longer T in 1024-token chunks) each block
+  is rematerialised: the backward holds one block's scores at a time, not [T, keys]. Below it
+  they are kept (a train step of T = 512 is ~3% faster on CPU without recomputing them).
   """
   t = q_BTNH.shape[1]
-  attend_block = jax.checkpoint(attend)
+  keys = t if window is None else min(window, t)
+  attend_block = jax.checkpoint(attend) if t * keys > REMAT_SCORES else attend
   outs = []
   for start in range(0, t, block):
     end = min(start + block, t)
