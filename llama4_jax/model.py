@@ -41,8 +41,8 @@ class Hooks(NamedTuple):
     (inside remat): where int4 weights are dequantized (the default, `quant.dequantize_layer`:
     identity on plain arrays) or adapters added (train/lora.py), one layer at a time.
   scan: the layers run as a `lax.scan` over groups of `period` layers (one compiled group), or
-    False: as unrolled Python (longer compiles; XLA:CPU runs a small model's train step ~13%
-    faster, without per-group weight slices and stacked residual buffers).
+    False: as unrolled Python (longer compiles; XLA:CPU usually runs a small model's train step
+    faster, up to ~13%, without per-group weight slices and stacked residual buffers).
   """
   moe_fn: moe.MoeFn = moe.moe
   constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] = layers.unconstrained

@@ -35,8 +35,8 @@ class ModelConfig:
   param_dtype: str = "float32"              # float32 | bfloat16: stored params (the optimizer
   remat: bool = False                       #   state and the update math stay fp32)
   scan_layers: bool = True                  # layers as a scan over layer groups (one compiled
-                                            #   group); false: unrolled, longer compiles, ~13%
-                                            #   faster steps of small models on CPU
+                                            #   group); false: unrolled, longer compiles, up
+                                            #   to ~13% faster steps of small models on CPU
   attention: str = "auto"                   # auto (by the mesh's devices: TPU splash, GPU
                                             #   gpu_flash, CPU xla) | xla | splash | gpu_flash
   grouped_matmul: str = "auto"              # MoE: auto (TPU/GPU ragged_dot, CPU blocked) |
