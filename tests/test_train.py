@@ -266,9 +266,11 @@ def test_chunked_cross_entropy_equals_whole_rows():
 
 def test_a_restart_reads_every_program_from_the_workdirs_compile_cache(tmp_path):
   """`llama4-train`'s default cache, WORKDIR/compile_cache: a second process running the same
-  recipe (another workdir pointed at that cache) compiles nothing new, and both runs record their
-  time to the first step (`startup_s`; cold vs warm: README, "Step efficiency")."""
+  recipe (another workdir pointed at that cache) compiles nothing new, nor a third given a copy
+  of the cache at another path (keys hold no path), and the runs record their time to the first
+  step (`startup_s`; cold vs warm: README, "Step efficiency")."""
   import os
+  import shutil
   import subprocess
   import sys
   from train_util import FAST_COMPILE
@@ -276,12 +278,17 @@ def test_a_restart_reads_every_program_from_the_workdirs_compile_cache(tmp_path)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"
   cache = tmp_path / "a" / "compile_cache"
   entries = []
-  for name, extra in (("a", {}), ("b", {"compile_cache": str(cache)})):
+  moved = tmp_path / "elsewhere" / "cache"
+  for name, extra in (("a", {}), ("b", {"compile_cache": str(cache)}),
+                      ("c", {"compile_cache": str(moved)})):
+    if name == "c":
+      shutil.copytree(cache, moved)
     recipe = write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, steps=2, **extra)
     subprocess.run([sys.executable, "-m", "train", str(recipe)], env=env, check=True,
                    capture_output=True)
-    entries.append(sorted(p.name for p in cache.iterdir()))
+    entries.append(sorted(p.name for p in (moved if name == "c" else cache).iterdir()))
     first = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 0 and first["startup_s"] > 0
   assert entries[0] and entries[1] == entries[0]  # every program of the restart was a cache hit
+  assert entries[2] == entries[0]  # and of the run given the cache at another path
   assert not (tmp_path / "b" / "compile_cache").exists()

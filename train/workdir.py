@@ -92,7 +92,7 @@ class Sigterm:
 
 def use_compile_cache(path) -> None:
   """jax's persistent compilation cache in `path` (None: off), every program: a restarted run
-  reads them back instead of compiling. A cache the process already has
+  reads them back instead of compiling, wherever the cache has moved since. A cache the process already has
   (JAX_COMPILATION_CACHE_DIR, or set by a caller) wins."""
   import jax
   if path is None or jax.config.jax_compilation_cache_dir:
@@ -101,3 +101,7 @@ def use_compile_cache(path) -> None:
   jax.config.update("jax_compilation_cache_dir", str(Path(path).absolute()))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # jax's default also keeps XLA's GPU autotune cache under the cache dir, and so puts that dir's
+  # path into every key: a workdir copied or mounted elsewhere would miss every entry. The
+  # compiled programs already hold their autotuned choices.
+  jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
