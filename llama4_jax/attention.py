@@ -17,7 +17,7 @@ from llama4_jax.config import TextConfig
 
 
 QUERY_BLOCK = 256  # queries per block when long self-attention skips invisible keys
-REMAT_SCORES = 1 << 20  # T x keys per head above which the blocks' scores are recomputed in the backward
+REMAT_SCORES = 1 << 20  # T x keys per head above which blocks recompute scores in the backward
 
 
 class Context(NamedTuple):

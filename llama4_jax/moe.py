@@ -105,7 +105,8 @@ def _blocks_bwd(unroll, res, dy_UbD):
     dh = dy @ down_EFD[ex].T
     dg, du = dh * u * sig * (1 + g * (1 - sig)), dh * silu
     return (dgate.at[ex].add(x.T @ dg), dup.at[ex].add(x.T @ du),
-            ddown.at[ex].add((silu * u).T @ dy), dx.at[i].set(dg @ gate_EDF[ex].T + du @ up_EDF[ex].T))
+            ddown.at[ex].add((silu * u).T @ dy),
+            dx.at[i].set(dg @ gate_EDF[ex].T + du @ up_EDF[ex].T))
   init = (*(jnp.zeros_like(w) for w in (gate_EDF, up_EDF, down_EFD)), jnp.zeros_like(x_UbD))
   dgate, dup, ddown, dx = _loop(unroll, used, x_UbD.shape[0], block, init)
   return (dx, None, None, dgate, dup, ddown)

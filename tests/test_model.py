@@ -136,7 +136,7 @@ def test_param_counts_of_released_models():
 @pytest.mark.parametrize("window,remat", [(None, False), (24, False), (None, True), (24, True)])
 def test_blocked_attention_equals_dense(window, remat, monkeypatch):
   from llama4_jax import attention
-  monkeypatch.setattr(attention, "REMAT_SCORES", 0 if remat else 1 << 20)  # blocks recomputed or kept
+  monkeypatch.setattr(attention, "REMAT_SCORES", 0 if remat else 1 << 20)  # recomputed / kept
   t = CFG.text
   seg = jnp.asarray([[1] * 40 + [2] * 24, [0] * 5 + [1] * 59])
   ctx = model.token_context(dataclasses.replace(t, attention_chunk_size=window), 2, 64,
@@ -149,7 +149,8 @@ def test_blocked_attention_equals_dense(window, remat, monkeypatch):
   want = np.asarray(attention.attend(q, k, v, mask))[valid]
   got = np.asarray(attention.attend_blocked(q, k, v, mask, window, 16))[valid]
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
-  sq = lambda f: lambda q, k, v: jnp.sum(jnp.where(jnp.asarray(valid)[..., None, None], f(q, k, v), 0) ** 2)
+  live = jnp.asarray(valid)[..., None, None]
+  sq = lambda f: lambda q, k, v: jnp.sum(jnp.where(live, f(q, k, v), 0) ** 2)
   g_want = jax.grad(sq(lambda q, k, v: attention.attend(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
   g_got = jax.grad(sq(lambda q, k, v: attention.attend_blocked(q, k, v, mask, window, 16)),
                    argnums=(0, 1, 2))(q, k, v)
