@@ -276,19 +276,19 @@ def test_a_restart_reads_every_program_from_the_workdirs_compile_cache(tmp_path)
   from train_util import FAST_COMPILE
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"
-  cache = tmp_path / "a" / "compile_cache"
-  entries = []
-  moved = tmp_path / "elsewhere" / "cache"
-  for name, extra in (("a", {}), ("b", {"compile_cache": str(cache)}),
-                      ("c", {"compile_cache": str(moved)})):
-    if name == "c":
-      shutil.copytree(cache, moved)
+  cache, moved = tmp_path / "a" / "compile_cache", tmp_path / "elsewhere" / "cache"
+
+  def run_recipe(name: str, cache_dir, **extra) -> list[str]:
+    """Runs recipe `name` in its own workdir; the entries of `cache_dir` afterwards."""
     recipe = write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, steps=2, **extra)
     subprocess.run([sys.executable, "-m", "train", str(recipe)], env=env, check=True,
                    capture_output=True)
-    entries.append(sorted(p.name for p in (moved if name == "c" else cache).iterdir()))
     first = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 0 and first["startup_s"] > 0
+    return sorted(p.name for p in cache_dir.iterdir())
+  entries = [run_recipe("a", cache), run_recipe("b", cache, compile_cache=str(cache))]
+  shutil.copytree(cache, moved)
+  entries.append(run_recipe("c", moved, compile_cache=str(moved)))
   assert entries[0] and entries[1] == entries[0]  # every program of the restart was a cache hit
   assert entries[2] == entries[0]  # and of the run given the cache at another path
   assert not (tmp_path / "b" / "compile_cache").exists()

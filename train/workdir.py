@@ -92,8 +92,8 @@ class Sigterm:
 
 def use_compile_cache(path) -> None:
   """jax's persistent compilation cache in `path` (None: off), every program: a restarted run
-  reads them back instead of compiling, wherever the cache has moved since. A cache the process already has
-  (JAX_COMPILATION_CACHE_DIR, or set by a caller) wins."""
+  reads them back instead of compiling, wherever the cache has moved since. A cache the process
+  already has (JAX_COMPILATION_CACHE_DIR, or set by a caller) wins."""
   import jax
   if path is None or jax.config.jax_compilation_cache_dir:
     return
