@@ -24,6 +24,7 @@ setup(
         "tqdm>=4.66",
         "pyarrow>=17",
         "tensorboardX>=2.6,<3",
+        "flatbuffers>=24.3",  # jax.export's serialization (train/step_cache.py)
         "matplotlib>=3.9,<4",
         "pillow>=10,<14",  # the image processor (llama4_jax/processor.py)
     ],

@@ -266,7 +266,7 @@ def test_chunked_cross_entropy_equals_whole_rows():
 
 def test_a_restart_reads_every_program_from_the_workdirs_compile_cache(tmp_path):
   """`llama4-train`'s default cache, WORKDIR/compile_cache: a second process running the same
-  recipe (another workdir pointed at that cache) compiles nothing new, nor a third given a copy
+  recipe (another workdir pointed at that cache) compiles and exports nothing new, nor a third given a copy
   of the cache at another path (keys hold no path), and the runs record their time to the first
   step (`startup_s`; cold vs warm: README, "Step efficiency")."""
   import os
@@ -291,4 +291,6 @@ def test_a_restart_reads_every_program_from_the_workdirs_compile_cache(tmp_path)
   entries.append(run_recipe("c", moved, compile_cache=str(moved)))
   assert entries[0] and entries[1] == entries[0]  # every program of the restart was a cache hit
   assert entries[2] == entries[0]  # and of the run given the cache at another path
+  # one exported train step, written by "a", read back by "b" and "c" (train/step_cache.py)
+  assert [len(list((d / "steps").iterdir())) for d in (cache, moved)] == [1, 1]
   assert not (tmp_path / "b" / "compile_cache").exists()

@@ -56,13 +56,13 @@ def _main(args) -> int:
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   if staged:
     first = pipeline.stages(recipe, tuple(args.set))[0][1]
-    workdir.use_compile_cache(first.compile_cache and Path(pipeline.section(recipe).workdir)
-                              / first.compile_cache)  # one cache for every stage
-    pipeline.run(recipe, tuple(args.set))
+    steps = workdir.use_compile_cache(first.compile_cache and Path(pipeline.section(recipe).workdir)
+                                      / first.compile_cache)  # one cache for every stage
+    pipeline.run(recipe, tuple(args.set), steps)
     return 0
   from train import loop
-  workdir.use_compile_cache(cfg.compile_cache and Path(cfg.workdir) / cfg.compile_cache)
-  record = loop.run(cfg)
+  steps = workdir.use_compile_cache(cfg.compile_cache and Path(cfg.workdir) / cfg.compile_cache)
+  record = loop.run(cfg, steps)
   if record:
     print(f"step {record['step']}: loss {record['loss']:.4f}, {record['tokens_per_s']:.0f} tok/s")
   return 0

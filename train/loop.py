@@ -16,8 +16,8 @@ import optax
 import llama4_jax as l4
 import sharding
 from train import (checkpoint, data, lora, metap, metrics as metrics_lib, optim,
-                   params as params_lib, stages, step as step_lib, tokenizer as tokenizer_lib,
-                   workdir as workdir_lib)
+                   params as params_lib, stages, step as step_lib, step_cache as step_cache_lib,
+                   tokenizer as tokenizer_lib, workdir as workdir_lib)
 from train.config import RunConfig, to_dict
 
 
@@ -111,8 +111,10 @@ def resume_or_start(cfg: RunConfig, t: Trainer, ckpt, batches, params=None):
   return start, state if cfg.lora is None else state.replace(frozen=_freeze(cfg, t, params))
 
 
-def run(cfg: RunConfig) -> dict:
-  """Trains per `cfg`; returns the last step's metrics record. Raises workdir.Interrupted after
+def run(cfg: RunConfig, step_cache: Path | None = None) -> dict:
+  """Trains per `cfg`; returns the last step's metrics record. With `step_cache` (a directory),
+  the train step runs through its export there (`train.step_cache`): a restart skips tracing
+  and lowering it. Raises workdir.Interrupted after
   saving on SIGTERM, health.Diverged on a non-finite step past `optim.skip_nonfinite`, and
   workdir.Locked when another run holds the workdir. A workdir this call created is removed
   again when it fails before writing any file."""
@@ -123,7 +125,7 @@ def run(cfg: RunConfig) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   try:
     with workdir_lib.lock(workdir):
-      return _run(cfg, workdir, tok)
+      return _run(cfg, workdir, tok, step_cache)
   except BaseException:
     if created:
       workdir_lib.remove_if_empty(workdir)
@@ -145,9 +147,12 @@ def _precheck(cfg: RunConfig, model_cfg: l4.Config):
   return tok
 
 
-def _setup(cfg: RunConfig, workdir: Path, tok):
+def _setup(cfg: RunConfig, workdir: Path, tok, step_cache: Path | None = None):
   """(trainer, batches, checkpointer, first step, state): every input is checked here."""
   t = build(cfg, cfg.model.build())
+  if step_cache is not None:
+    t = t._replace(train_step=step_cache_lib.Step(t.train_step, t.state_shardings,
+                                                  t.batch_sharding, to_dict(cfg), step_cache))
   batches, params = t.stage.data(t, workdir, tok)  # params: when the data needed them loaded
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))
   ckpt.agree("model.json", checkpoint.model_key(cfg, t.model_cfg))
@@ -157,8 +162,8 @@ def _setup(cfg: RunConfig, workdir: Path, tok):
   return t, batches, ckpt, start, state
 
 
-def _run(cfg: RunConfig, workdir: Path, tok) -> dict:
-  t, batches, ckpt, start, state = _setup(cfg, workdir, tok)
+def _run(cfg: RunConfig, workdir: Path, tok, step_cache: Path | None) -> dict:
+  t, batches, ckpt, start, state = _setup(cfg, workdir, tok, step_cache)
   log = metrics_lib.StepLog(cfg, t.model_cfg, t.mesh.size, workdir, start, ckpt)
   sigterm, pending, record = workdir_lib.Sigterm(), None, {}
   try:

@@ -141,6 +141,22 @@ def to_record(step: int, metrics: dict, seconds: float, tokens: int, flops_per_t
   return rec
 
 
+def run_peak(cfg, workdir: Path, start: int) -> tuple[float, str]:
+  """`peak_flops` of the run; a restart keeps the peak its workdir measured on this device kind
+  and dtype (WORKDIR/config.json): MFU stays comparable across restarts, and the restart skips
+  the 0.5 s of matmul timing."""
+  kind, path = jax.devices()[0].device_kind, workdir / "config.json"
+  if start and not cfg.peak_flops_per_device and path.is_file():
+    try:
+      old = json.loads(path.read_text())
+      if (old["peak_source"] == f"measured matmul on {kind}"
+          and old["model"]["compute_dtype"] == cfg.model.compute_dtype):
+        return float(old["peak_flops"]), old["peak_source"]
+    except (ValueError, KeyError, TypeError):  # an older or damaged file: measured again
+      pass
+  return peak_flops(cfg.peak_flops_per_device, jnp.dtype(cfg.model.compute_dtype))
+
+
 class StepLog:
   """The loop's record keeping: each fetched step's record (rates from the host clock), its health
   check, metrics.jsonl / TensorBoard every `log_every` steps (and the run's first step, with
@@ -151,7 +167,7 @@ class StepLog:
     from tqdm import tqdm
     self.sinks = Sinks(workdir, start)  # a bad metrics.jsonl stops the run here
     self.flops_per_token = train_flops_per_token(model_cfg.text, cfg.data.seq_len)
-    self.peak, source = peak_flops(cfg.peak_flops_per_device, jnp.dtype(cfg.model.compute_dtype))
+    self.peak, source = run_peak(cfg, workdir, start)
     (workdir / "config.json").write_text(json.dumps(
         {**to_dict(cfg), "peak_flops": self.peak, "peak_source": source}, indent=2))
     self.tokens, self.devices, self.ckpt = cfg.data.batch_size * cfg.data.seq_len, devices, ckpt

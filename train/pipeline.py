@@ -92,8 +92,8 @@ def stages(d: dict, overrides: tuple[str, ...] = ()) -> list[tuple[str, RunConfi
   return out
 
 
-def run(d: dict, overrides: tuple[str, ...] = ()) -> list[dict]:
-  """Runs (or resumes) every stage; returns each stage's summary."""
+def run(d: dict, overrides: tuple[str, ...] = (), step_cache: Path | None = None) -> list[dict]:
+  """Runs (or resumes) every stage; returns each stage's summary. `step_cache`: as `loop.run`'s."""
   from train import loop, params, stages as stages_lib  # jax: once the recipe is known valid
   plan = stages(d, overrides)
   summaries = []
@@ -110,7 +110,7 @@ def run(d: dict, overrides: tuple[str, ...] = ()) -> list[dict]:
     stage, start = stages_lib.for_recipe(cfg), params.starting_params(cfg)
     before = _measure(section(d), cfg, stage, start, start=start)
     del start  # not held on the device while the stage trains
-    record = loop.run(cfg)  # SIGTERM raises workdir.Interrupted: a rerun resumes this stage
+    record = loop.run(cfg, step_cache)  # SIGTERM raises workdir.Interrupted: a rerun resumes this stage
     after = _measure(section(d), cfg, stage, params.final_params(cfg))
     summary = {"stage": name, "steps": cfg.steps, "before": before, "after": after,
                "final_train_loss": record.get("loss")}

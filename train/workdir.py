@@ -90,13 +90,16 @@ class Sigterm:
     signal.signal(signal.SIGTERM, self.previous)
 
 
-def use_compile_cache(path) -> None:
+def use_compile_cache(path) -> Path | None:
   """jax's persistent compilation cache in `path` (None: off), every program: a restarted run
   reads them back instead of compiling, wherever the cache has moved since. A cache the process
-  already has (JAX_COMPILATION_CACHE_DIR, or set by a caller) wins."""
+  already has (JAX_COMPILATION_CACHE_DIR, or set by a caller) wins. Returns where the run's
+  exported train step goes (`train.step_cache`): `path`/steps, or None when `path` is None."""
   import jax
-  if path is None or jax.config.jax_compilation_cache_dir:
-    return
+  if path is None:
+    return None
+  if jax.config.jax_compilation_cache_dir:
+    return Path(path) / "steps"
   Path(path).mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(Path(path).absolute()))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -105,3 +108,4 @@ def use_compile_cache(path) -> None:
   # path into every key: a workdir copied or mounted elsewhere would miss every entry. The
   # compiled programs already hold their autotuned choices.
   jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+  return Path(path) / "steps"
