@@ -110,7 +110,8 @@ def run(d: dict, overrides: tuple[str, ...] = (), step_cache: Path | None = None
     stage, start = stages_lib.for_recipe(cfg), params.starting_params(cfg)
     before = _measure(section(d), cfg, stage, start, start=start)
     del start  # not held on the device while the stage trains
-    record = loop.run(cfg, step_cache)  # SIGTERM raises workdir.Interrupted: a rerun resumes this stage
+    # SIGTERM raises workdir.Interrupted: a rerun resumes this stage
+    record = loop.run(cfg, step_cache)
     after = _measure(section(d), cfg, stage, params.final_params(cfg))
     summary = {"stage": name, "steps": cfg.steps, "before": before, "after": after,
                "final_train_loss": record.get("loss")}
