@@ -3,6 +3,9 @@ step (what `llama4-train` runs), HF transformers (torch) and the fp32 matmul pea
 
     python benchmarks/train_step.py [--rounds 3] [--steps 6] [--skip-hf]
 
+The process runs with glibc's huge pages, as `llama4-train` does (`train.cli.exec_with_huge_pages`);
+`LLAMA4_HUGE_PAGES=0` measures it without.
+
 - bare: `jax.jit(value_and_grad(mean CE of l4.forward)) + optax.adamw`, nothing else, its layers
   unrolled (`l4.Hooks(scan=False)`, as the recipe's `model.scan_layers: false`); bare-scan: the
   same with the layers scanned (the default);
@@ -27,7 +30,7 @@ import optax
 
 import llama4_jax as l4
 from llama4_jax import config as config_lib
-from train import config as run_config, loop, metrics, optim
+from train import cli, config as run_config, loop, metrics, optim
 
 BENCH = dataclasses.replace(
     l4.presets.tiny().text, vocab_size=8192, hidden_size=512, num_hidden_layers=8,
@@ -123,6 +126,7 @@ def optimizer_cost() -> str:
 
 
 def main():
+  cli.exec_with_huge_pages()  # as `llama4-train` runs; LLAMA4_HUGE_PAGES=0 measures without
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=6)

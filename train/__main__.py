@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from train import cli, config as config_lib, workdir
+from train import cli, workdir
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  if argv is None:  # the command itself (not a caller passing argv): see cli.exec_with_huge_pages
+    cli.exec_with_huge_pages()
   parser = make_parser()
   args = parser.parse_args(argv)
   if args.config is None and not args.report:
@@ -44,7 +46,7 @@ def _main(args) -> int:
     from train import report
     print(report.write(args.report))
     return 0
-  from train import pipeline
+  from train import config as config_lib, pipeline
   recipe = config_lib.read_yaml(args.config)
   staged = "pipeline" in recipe
   if staged:
