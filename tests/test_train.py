@@ -266,9 +266,9 @@ def test_chunked_cross_entropy_equals_whole_rows():
 
 def test_a_restart_reads_every_program_from_the_workdirs_compile_cache(tmp_path):
   """`llama4-train`'s default cache, WORKDIR/compile_cache: a second process running the same
-  recipe (another workdir pointed at that cache) compiles and exports nothing new, nor a third given a copy
-  of the cache at another path (keys hold no path), and the runs record their time to the first
-  step (`startup_s`; cold vs warm: README, "Step efficiency")."""
+  recipe (another workdir pointed at that cache) compiles and exports nothing new, nor a third
+  given a copy of the cache at another path (keys hold no path), and the runs record their time
+  to the first step (`startup_s`; cold vs warm: README, "Step efficiency")."""
   import os
   import shutil
   import subprocess

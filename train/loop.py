@@ -114,9 +114,9 @@ def resume_or_start(cfg: RunConfig, t: Trainer, ckpt, batches, params=None):
 def run(cfg: RunConfig, step_cache: Path | None = None) -> dict:
   """Trains per `cfg`; returns the last step's metrics record. With `step_cache` (a directory),
   the train step runs through its export there (`train.step_cache`): a restart skips tracing
-  and lowering it. Raises workdir.Interrupted after
-  saving on SIGTERM, health.Diverged on a non-finite step past `optim.skip_nonfinite`, and
-  workdir.Locked when another run holds the workdir. A workdir this call created is removed
+  and lowering it. Raises workdir.Interrupted after saving on SIGTERM, health.Diverged on a
+  non-finite step past `optim.skip_nonfinite`, and workdir.Locked when another run holds the
+  workdir. A workdir this call created is removed
   again when it fails before writing any file."""
   model_cfg = cfg.model.build()
   tok = _precheck(cfg, model_cfg)
@@ -149,12 +149,12 @@ def _precheck(cfg: RunConfig, model_cfg: l4.Config):
 
 def _setup(cfg: RunConfig, workdir: Path, tok, step_cache: Path | None = None):
   """(trainer, batches, checkpointer, first step, state): every input is checked here."""
-  t = build(cfg, cfg.model.build())
+  t, recipe = build(cfg, cfg.model.build()), to_dict(cfg)
   if step_cache is not None:
     t = t._replace(train_step=step_cache_lib.Step(t.train_step, t.state_shardings,
-                                                  t.batch_sharding, to_dict(cfg), step_cache))
+                                                  t.batch_sharding, recipe, step_cache))
   batches, params = t.stage.data(t, workdir, tok)  # params: when the data needed them loaded
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, to_dict(cfg))
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", cfg.checkpoint, recipe)
   ckpt.agree("model.json", checkpoint.model_key(cfg, t.model_cfg))
   ckpt.agree("metap.json", t.table.key)  # a different proxy/preset cannot resume these
   metap.log_table(t.table, workdir)

@@ -32,7 +32,7 @@ _FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_im
 
 @functools.cache
 def code_key() -> str:
-  """sha256 of the packages' sources, the libraries' versions and the tracing flags."""
+  """sha256 of the packages' sources and the libraries' versions (read once per process)."""
   h = hashlib.sha256()
   for name in _PACKAGES:
     root = Path(importlib.import_module(name).__file__).parent
@@ -40,8 +40,6 @@ def code_key() -> str:
       h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
   for lib in _LIBRARIES:
     h.update(f"{lib}=={importlib.metadata.version(lib)}\0".encode())
-  for flag in _FLAGS:
-    h.update(f"{flag}={getattr(jax.config, flag, None)!r}\0".encode())
   return h.hexdigest()
 
 
@@ -72,7 +70,9 @@ class Step:
     args = [(tuple(x.shape), str(x.dtype), str(x.sharding))
             for x in jax.tree.leaves((leaves, batch))]
     devices = [(d.id, d.process_index, d.device_kind) for d in jax.devices()]
-    blob = json.dumps([code_key(), self.recipe, args, devices], sort_keys=True, default=str)
+    flags = {flag: repr(getattr(jax.config, flag, None)) for flag in _FLAGS}  # as of this call
+    blob = json.dumps([code_key(), flags, self.recipe, args, devices], sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
   def _flat(self) -> Callable:

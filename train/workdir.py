@@ -98,8 +98,9 @@ def use_compile_cache(path) -> Path | None:
   import jax
   if path is None:
     return None
+  steps = Path(path) / "steps"
   if jax.config.jax_compilation_cache_dir:
-    return Path(path) / "steps"
+    return steps
   Path(path).mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(Path(path).absolute()))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -108,4 +109,4 @@ def use_compile_cache(path) -> Path | None:
   # path into every key: a workdir copied or mounted elsewhere would miss every entry. The
   # compiled programs already hold their autotuned choices.
   jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
-  return Path(path) / "steps"
+  return steps
