@@ -96,13 +96,24 @@ def _decoder(cfg: TextConfig, blocks: list, x: jax.Array, ctx: attention.Context
   if hooks.scan:
     x, ys = jax.lax.scan(group, x, (blocks, caches))
   else:
-    n = cfg.num_hidden_layers // period
     outs = []
-    for g in range(n):
-      x, y = group(x, jax.tree.map(lambda a: a[g], (blocks, caches)))
+    for xs in _unstack((blocks, caches), cfg.num_hidden_layers // period):
+      x, y = group(x, xs)
       outs.append(y)
     ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
   return x, ys
+
+
+def _unstack(tree, n: int) -> list:
+  """[n, ...] leaves -> n trees of [...] leaves, by one split per leaf.
+
+  The split's transpose is one concatenate of the n gradients. Indexing a[g] per group would
+  transpose to n zero-padded [n, ...] gradients that XLA adds (on the bench config, buffers the
+  size of each stacked weight written and read again in every step).
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  parts = [[jnp.squeeze(p, 0) for p in jnp.split(a, n)] for a in leaves]
+  return [treedef.unflatten([p[g] for p in parts]) for g in range(n)]
 
 
 def _ordered_moe_aux(auxes: list, key: str) -> jax.Array | None:
