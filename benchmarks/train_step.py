@@ -6,8 +6,8 @@ step (what `llama4-train` runs), HF transformers (torch) and the fp32 matmul pea
 The process runs with glibc's huge pages, as `llama4-train` does (`train.cli.exec_with_huge_pages`);
 `LLAMA4_HUGE_PAGES=0` measures it without.
 
-- bare: `jax.jit(value_and_grad(mean CE of l4.forward)) + optax.adamw`, nothing else, its layers
-  unrolled (`l4.Hooks(scan=False)`, as the recipe's `model.scan_layers: false`); bare-scan: the
+- bare: `jax.jit(value_and_grad(mean CE of l4.forward)) + optax.adamw`, its state donated, nothing
+  else, its layers unrolled (`l4.Hooks(scan=False)`, as the recipe's `model.scan_layers: false`); bare-scan: the
   same with the layers scanned (the default);
 - framework: `loop.build(recipe)`'s jitted step (stage loss, metrics, optimizer with the MetaP
   table's per-tensor multipliers, finite check, donated state), built from the `bench` recipe below;
@@ -22,6 +22,7 @@ The `bench` config: d 512, 8 layers, 8 heads / 2 KV, head_dim 64, 8 experts top-
 import argparse
 import dataclasses
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def bare(ids: np.ndarray, scan: bool = False):
     logits = l4.forward(cfg, params, x, hooks=l4.Hooks(scan=scan))[:, :-1]  # all 512 positions
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), x[:, 1:, None], -1))
 
-  @jax.jit
+  @partial(jax.jit, donate_argnums=0)  # as the framework's step: the new state reuses the old
   def step(state):
     params, opt = state
     value, grads = jax.value_and_grad(loss)(params)
