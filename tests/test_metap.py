@@ -95,6 +95,23 @@ def test_target_equal_to_base_is_identity_bit_for_bit():
     np.testing.assert_array_equal(a, b)
 
 
+
+def test_clipping_equals_optax():
+  """Under the norm: bit for bit; clipping: within an ulp; a NaN or inf gradient gives what
+  optax's does (the step's finite check then keeps the state)."""
+  g = {"a": jnp.linspace(-3.0, 2.0, 37), "b": jnp.full((5, 3), 0.7)}
+  for max_norm, rtol in ((1e9, 0), (1.0, 2 ** -23)):
+    ours, _ = jax.jit(optim.clip_by_global_norm(max_norm).update)(g, optax.EmptyState())
+    theirs, _ = jax.jit(optax.clip_by_global_norm(max_norm).update)(g, optax.EmptyState())
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=0), ours, theirs)
+  assert float(optax.tree.norm(ours)) == pytest.approx(1.0, rel=1e-6)
+  for bad in (jnp.nan, jnp.inf):
+    bad_g = {**g, "b": g["b"].at[0, 0].set(bad)}
+    ours, _ = optim.clip_by_global_norm(1.0).update(bad_g, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(1.0).update(bad_g, optax.EmptyState())
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.isfinite(x), np.isfinite(y)),
+                 ours, theirs)
+
 def test_multiplier_algebra_width_depth_batch_x4():
   base = metap_check.width_config(32, layers=2)
   target = metap_check.width_config(128, layers=8)

@@ -127,7 +127,7 @@ def adapter_shardings(model_cfg: l4.Config, cfg: LoraConfig, named) -> dict:
 def optimizer(g: OptimConfig, total_steps: int):
   """(AdamW over the adapters, lr schedule): clipping, the run's schedule, decay on A and B."""
   schedule_fn = optim.schedule(g, total_steps)
-  tx = optax.chain(optax.clip_by_global_norm(g.clip_norm),
+  tx = optax.chain(optim.clip_by_global_norm(g.clip_norm),
                    optax.adamw(schedule_fn, g.b1, g.b2, g.eps, weight_decay=g.weight_decay))
   return tx, schedule_fn
 
