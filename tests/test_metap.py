@@ -3,6 +3,7 @@ batch), identity at the proxy's shapes (bit-identical init and updates), init st
 optimizer wiring, expert-count independence, and the checkpoint guard."""
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -104,7 +105,15 @@ def test_clipping_equals_optax():
     ours, _ = jax.jit(optim.clip_by_global_norm(max_norm).update)(g, optax.EmptyState())
     theirs, _ = jax.jit(optax.clip_by_global_norm(max_norm).update)(g, optax.EmptyState())
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=0), ours, theirs)
+    # the train step passes the norm it has: the same bits as the clip's own
+    given, _ = jax.jit(partial(optim.clip_by_global_norm(max_norm).update,
+                               global_norm=optax.tree.norm(g)))(g, optax.EmptyState())
+    jax.tree.map(np.testing.assert_array_equal, given, ours)
   assert float(optax.tree.norm(ours)) == pytest.approx(1.0, rel=1e-6)
+  # own_norm (frozen params: the step's norm counts gradients the clip never sees) ignores it
+  own, _ = optim.clip_by_global_norm(1.0, own_norm=True).update(g, optax.EmptyState(),
+                                                                 global_norm=jnp.float32(1e6))
+  jax.tree.map(np.testing.assert_array_equal, own, ours)
   for bad in (jnp.nan, jnp.inf):
     bad_g = {**g, "b": g["b"].at[0, 0].set(bad)}
     ours, _ = optim.clip_by_global_norm(1.0).update(bad_g, optax.EmptyState())

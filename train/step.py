@@ -36,11 +36,13 @@ def init_state(params, tx, frozen=None) -> TrainState:
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(_f32(params)), frozen)
 
 
-def _update(tx: optax.GradientTransformation, grads, params, opt_state):
+def _update(tx: optax.GradientTransformation, grad_norm, grads, params, opt_state):
   """(params, opt_state) after one update, in fp32, rounded once into the params' dtype (a no-op
-  for fp32 params)."""
+  for fp32 params). The clip takes `grad_norm` (`optim.clip_by_global_norm`): XLA shares no work
+  across the cond, so a norm computed inside it would read every gradient again."""
   params32 = _f32(params)
-  updates, opt_state = tx.update(grads, opt_state, params32)
+  updates, opt_state = optax.with_extra_args_support(tx).update(grads, opt_state, params32,
+                                                                global_norm=grad_norm)
   return jax.tree.map(lambda p, new: new.astype(p.dtype), params,
                       optax.apply_updates(params32, updates)), opt_state
 
@@ -74,7 +76,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr: opt
     # not a select of new against old: the select is one more pass over the whole state (2 GB of
     # the bench step's 21 GB of memory traffic).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.lax.cond(finite, partial(_update, tx), lambda g, p, o: (p, o), grads,
+    params, opt_state = jax.lax.cond(finite, partial(_update, tx, grad_norm),
+                                     lambda g, p, o: (p, o), grads,
                                      state.params, state.opt_state)
     out = {"loss": loss / denom, "tokens": n, "grad_norm": grad_norm, "lr": lr(state.step),
            "nonfinite": 1 - finite.astype(jnp.int32)}
