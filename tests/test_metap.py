@@ -96,7 +96,6 @@ def test_target_equal_to_base_is_identity_bit_for_bit():
     np.testing.assert_array_equal(a, b)
 
 
-
 def test_clipping_equals_optax():
   """Under the norm: bit for bit; clipping: within an ulp; a NaN or inf gradient gives what
   optax's does (the step's finite check then keeps the state)."""
@@ -120,6 +119,7 @@ def test_clipping_equals_optax():
     theirs, _ = optax.clip_by_global_norm(1.0).update(bad_g, optax.EmptyState())
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.isfinite(x), np.isfinite(y)),
                  ours, theirs)
+
 
 def test_multiplier_algebra_width_depth_batch_x4():
   base = metap_check.width_config(32, layers=2)
